@@ -1,0 +1,1 @@
+"""Client side of fedcontinuum: the ClientApp, client tasks and models."""

@@ -1,0 +1,1 @@
+"""Server side of fedcontinuum: ServerApp, round driver, tracking, launcher."""

@@ -1,0 +1,192 @@
+"""One experiment = one Flower run = one MLflow run.
+
+``run_experiment`` is what the ServerApp executes: it builds the data view the
+server needs (test set, public validation set), the strategy and the initial
+model, drives the rounds, and records everything in MLflow. If anything fails,
+the MLflow run is marked FAILED with the reason and whatever was already
+logged stays.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fl_clients.image_task import evaluate
+from fl_clients.models import build_model
+from fl_datasets.federated import DataSpec, build_image_data
+from fl_server import progress
+from fl_server.config import default_run_name, flatten
+from fl_server.rounds import RoundDriver
+from fl_server.tracking import RunTracker
+from strategies import build_strategy
+
+HEADLINE = ("test_accuracy", "test_macro_f1", "test_weakest_class_recall", "train_loss")
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    """Tags that let the MLflow UI group and compare runs."""
+    tags = {
+        "task": cfg.task.name,
+        "strategy": cfg.strategy.name,
+        "partition": cfg.partition.name,
+        "rho": f"{cfg.partition.rho:g}",
+        "seed": str(cfg.seed),
+    }
+    if cfg.partition.name == "dirichlet":
+        tags["alpha"] = f"{cfg.partition.alpha:g}"
+    return tags
+
+
+def train_config(cfg: DictConfig, spec: DataSpec) -> ConfigRecord:
+    """The ConfigRecord every client receives (the clients' whole config)."""
+    return ConfigRecord(
+        {
+            "data-spec": spec.to_json(),
+            "model": str(cfg.task.model),
+            "local-epochs": int(cfg.train.local_epochs),
+            "batch-size": int(cfg.train.batch_size),
+            "lr": float(cfg.train.lr),
+            "momentum": float(cfg.train.momentum),
+            "seed": int(cfg.seed),
+        }
+    )
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "round", k))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+def _accuracy_plot(history: list[dict[str, Any]], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [row["round"] for row in history]
+    for key, label in (
+        ("test_accuracy", "accuracy"),
+        ("test_macro_f1", "macro-F1"),
+        ("test_weakest_class_recall", "weakest-class recall"),
+    ):
+        ax.plot(rounds, [row.get(key, np.nan) for row in history], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("server-side test metric")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id: str | None = None) -> dict[str, float]:
+    """Run the configured experiment on ``grid``; returns the final metrics."""
+    run_name = default_run_name(cfg)
+    tracker = RunTracker(
+        tracking_uri,
+        experiment=str(cfg.tracking.experiment),
+        run_name=run_name,
+        tags=run_tags(cfg),
+        parent_run_id=parent_run_id,
+    )
+    progress.emit(
+        "start",
+        run_name=run_name,
+        mlflow_run_id=tracker.run_id,
+        experiment_id=tracker.experiment_id,
+        num_rounds=int(cfg.num_rounds),
+    )
+    try:
+        return _run_tracked(grid, cfg, tracker, run_name)
+    except BaseException as err:
+        reason = f"{type(err).__name__}: {err}"
+        tracker.log_text(traceback.format_exc(), "failure/traceback.txt")
+        tracker.fail(reason)
+        progress.emit("failed", reason=reason, mlflow_run_id=tracker.run_id)
+        raise
+
+
+def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str) -> dict[str, float]:
+    started = time.perf_counter()
+    tracker.log_params(flatten(cfg))
+    spec = DataSpec.from_config(cfg)
+    data = build_image_data(spec)
+    tracker.log_text(_class_counts_csv(data.class_counts()), "data/client_class_counts.csv")
+    tracker.log_metrics(
+        {
+            "data_train_samples": float(sum(data.client_sizes())),
+            "data_realised_rho": _realised_rho(data.class_counts().sum(axis=0)),
+        },
+        step=0,
+    )
+
+    model = build_model(str(cfg.task.model), spec.num_classes, seed=int(cfg.seed))
+    history: list[dict[str, Any]] = []
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return {f"test_{k}": v for k, v in evaluate(model, data.test, spec.num_classes).items()}
+
+    def on_round(server_round: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "elapsed_wall_time_s": time.perf_counter() - started}
+        tracker.log_metrics(metrics, step=server_round)
+        history.append({"round": server_round, **metrics})
+        progress.emit("round", round=server_round, **{k: metrics[k] for k in metrics if k in _SHOWN})
+
+    driver = RoundDriver(
+        strategy=build_strategy(cfg),
+        grid=grid,
+        train_config=train_config(cfg, spec),
+        evaluate_fn=evaluate_global,
+        on_round=on_round,
+        timeout_s=float(cfg.simulation.round_timeout_s),
+    )
+    final_arrays = driver.run(ArrayRecord(model.state_dict()), num_rounds=int(cfg.num_rounds))
+
+    tracker.log_text(_history_csv(history), "metrics/rounds.csv")
+    tracker.log_figure(_accuracy_plot(history, run_name), "plots/accuracy_vs_round.png")
+    if cfg.tracking.log_model:
+        tracker.log_torch_state(final_arrays.to_torch_state_dict(), "model/final_state_dict.pt")
+    final = {k: history[-1][k] for k in HEADLINE if k in history[-1]}
+    final["wall_time_s"] = time.perf_counter() - started
+    tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=int(cfg.num_rounds))
+    tracker.finish()
+    progress.emit("finished", mlflow_run_id=tracker.run_id, **final)
+    return final
+
+
+_SHOWN = (
+    "test_accuracy",
+    "test_macro_f1",
+    "test_weakest_class_recall",
+    "train_loss",
+    "clients_replied",
+    "clients_failed",
+    "round_wall_time_s",
+)
+
+
+def _realised_rho(class_totals: np.ndarray) -> float:
+    present = class_totals[class_totals > 0]
+    return float(present.max() / present.min()) if len(present) else float("nan")
+
+
+def _class_counts_csv(counts: np.ndarray) -> str:
+    header = "client," + ",".join(f"class_{c}" for c in range(counts.shape[1]))
+    rows = [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(counts)]
+    return "\n".join([header, *rows]) + "\n"
