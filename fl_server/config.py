@@ -103,6 +103,17 @@ def compose_config(
         raise _explain_composition_error(err, override_list) from None
     except Exception as err:  # omegaconf errors for keys not in struct
         raise _explain_composition_error(err, override_list) from None
+    return finalize_config(cfg, project_dir)
+
+
+def finalize_config(cfg: DictConfig, project_dir: str | Path | None = None) -> DictConfig:
+    """Resolve data paths, validate, and freeze a config Hydra has composed.
+
+    :func:`compose_config` ends here; so does a ``@hydra.main`` job (a sweep),
+    whose config Hydra composed from the same ``conf/`` and overrides.
+    """
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.set_struct(cfg, True)
     cfg = _resolve_paths(cfg, Path(project_dir) if project_dir else PROJECT_DIR)
     validate_config(cfg)
     OmegaConf.set_readonly(cfg, True)

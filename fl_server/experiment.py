@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 import time
 import traceback
 from typing import Any
@@ -123,6 +124,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
 
 def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str) -> dict[str, float]:
     started = time.perf_counter()
+    # Flower's strategies sample clients with the stdlib's global `random`.
+    random.seed(int(cfg.seed))
     tracker.log_params(flatten(cfg))
     spec = DataSpec.from_config(cfg)
     data = build_image_data(spec)

@@ -41,6 +41,23 @@ def _count_replies(sent: list[Message], replies: list[Message]) -> tuple[int, li
     return len(ok), reasons
 
 
+def canonical_order(replies: list[Message]) -> list[Message]:
+    """Replies sorted by the client's partition id (else node id).
+
+    Arrival order varies between runs; floating-point sums do not commute, so
+    aggregating in a fixed order is what makes a seed reproduce a run exactly.
+    """
+
+    def key(reply: Message) -> tuple[int, int]:
+        if not reply.has_error():
+            for record in reply.content.metric_records.values():
+                if "partition-id" in record:
+                    return (0, int(record["partition-id"]))
+        return (1, reply.metadata.src_node_id)
+
+    return sorted(replies, key=key)
+
+
 def _prefixed(record: MetricRecord | None, prefix: str, skip: tuple[str, ...]) -> dict[str, float]:
     if record is None:
         return {}
@@ -108,7 +125,7 @@ class RoundDriver:
                 server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid
             )
         )
-        replies = list(self.grid.send_and_receive(sent, timeout=self.timeout_s))
+        replies = canonical_order(list(self.grid.send_and_receive(sent, timeout=self.timeout_s)))
         replied, failures = _count_replies(sent, replies)
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:

@@ -1,0 +1,42 @@
+# fedcontinuum: two commands do all the set-up.
+#   make run   creates .venv if missing, installs, runs the default job (flwr run)
+#   make test  same install, runs the whole test suite
+# Extra Hydra overrides: make run ARGS="strategy=fedavgm partition=dirichlet partition.rho=10"
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test install sweep bench mlflow-ui clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision are pinned in pyproject.toml; pip takes them from local disk.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m fl_server.launch $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# e.g. make sweep ARGS="partition.rho=1,10,100 strategy=fedavg,fedavgm seed=0,1,2"
+sweep: install
+	$(PY) -m scripts.sweep --multirun $(ARGS)
+
+bench: install
+	$(PY) -m scripts.bench_overhead
+
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db
+
+clean:
+	rm -rf .flwr outputs multirun

@@ -1,0 +1,1 @@
+"""Sweeps, reports and benchmarks (run as ``python -m scripts.<name>``)."""

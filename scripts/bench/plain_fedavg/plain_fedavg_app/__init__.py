@@ -1,0 +1,1 @@
+"""plain-fedavg: a plain Flower FedAvg baseline for the overhead benchmark."""

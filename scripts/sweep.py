@@ -1,0 +1,49 @@
+"""Hydra sweeps: every combination runs as its own Flower simulation.
+
+    python -m scripts.sweep --multirun partition.rho=1,10,100 strategy=fedavg,fedavgm seed=0,1,2
+
+Each job is composed by Hydra from ``conf/`` and submitted with ``flwr run``
+(through the launcher) to one SuperLink shared by the whole sweep. In MLflow
+the sweep is one parent run; each job is a child run tagged with its task,
+strategy, partition, rho and seed, so the MLflow UI can compare strategies at
+each rho. When the sweep ends, the parent gets a markdown table and a plot of
+the final metrics (mean ± sd over seeds), also printed here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fl_server.config import finalize_config
+from fl_server.launch import JobOutcome, preflight, run_job
+from scripts.sweep_parent import PARENT_ENV, console, outcomes, shared_superlink
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(job_cfg: DictConfig) -> float:
+    """One sweep job: Hydra composed it from the overrides the ServerApp gets."""
+    overrides = list(HydraConfig.get().overrides.task)
+    try:
+        cfg = finalize_config(job_cfg)
+        preflight(cfg)
+    except ValueError as err:  # ConfigError / DataError: report, keep sweeping
+        console.print(f"[bold red]error:[/bold red] {' '.join(overrides)}: {err}", highlight=False)
+        outcomes.append(JobOutcome(ok=False, status="invalid config", run_name=" ".join(overrides), reason=str(err)))
+        return float("nan")
+    outcome = run_job(
+        cfg,
+        overrides,
+        shared_superlink(),
+        parent_run_id=os.environ.get(PARENT_ENV),
+        console=console,
+    )
+    outcomes.append(outcome)
+    return float(outcome.final.get("test_accuracy", float("nan")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""State shared by a sweep's jobs and its Hydra callback.
+
+Kept apart from ``scripts/sweep.py``: run as ``python -m scripts.sweep`` that
+module is ``__main__``, while Hydra imports the callback by its dotted name; a
+second copy of the module would hold a second, empty, list of outcomes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import time
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+
+from fl_server.launch import JobOutcome, summary_table
+from fl_server.superlink import LocalSuperLink
+from fl_server.tracking import RunTracker, default_tracking_uri
+
+PARENT_ENV = "FEDCONTINUUM_SWEEP_PARENT_RUN_ID"
+console = Console()
+_superlink: LocalSuperLink | None = None
+outcomes: list[JobOutcome] = []
+
+
+def shared_superlink() -> LocalSuperLink:
+    """One SuperLink for all jobs of this process, stopped at the end."""
+    global _superlink
+    if _superlink is None:
+        _superlink = LocalSuperLink().start()
+        atexit.register(_stop_superlink)
+    return _superlink
+
+
+def _stop_superlink() -> None:
+    global _superlink
+    if _superlink is not None:
+        _superlink.stop()
+        _superlink = None
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: an MLflow parent run around a ``--multirun`` sweep."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = " ".join(config.hydra.overrides.task)
+        tracker = RunTracker(
+            default_tracking_uri(),
+            experiment=str(config.tracking.experiment),
+            run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            tags={"fc.kind": "sweep", "fc.sweep": sweep},
+        )
+        tracker.log_params({"sweep": sweep, "sweep_dir": str(config.hydra.sweep.dir)})
+        os.environ[PARENT_ENV] = tracker.run_id
+        console.print(f"[bold]sweep[/bold] {sweep}  (MLflow parent run {tracker.run_id})")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _stop_superlink()
+        parent_run_id = os.environ.pop(PARENT_ENV, None)
+        console.print(summary_table(outcomes))
+        failed = [o for o in outcomes if not o.ok]
+        if parent_run_id:
+            _finish_parent(parent_run_id, failed)
+        if failed:
+            console.print(f"[bold red]{len(failed)} of {len(outcomes)} runs failed[/bold red]")
+            sys.exit(1)
+
+
+def _finish_parent(parent_run_id: str, failed: list[JobOutcome]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from scripts.report import accuracy_vs_rho_figure, child_runs, markdown, summarise
+
+    client = MlflowClient(default_tracking_uri())
+    try:
+        table = summarise(child_runs(client, parent_run_id))
+        text = markdown(table)
+        client.log_text(parent_run_id, text, "report/summary.md")
+        client.log_figure(parent_run_id, accuracy_vs_rho_figure(table), "report/accuracy_vs_rho.png")
+        console.print(text, markup=False, highlight=False)
+    except Exception as err:  # the parent must still be closed with its status
+        console.print(f"[yellow]warning:[/yellow] sweep report failed: {err}")
+    if failed:
+        reasons = "; ".join(f"{o.run_name}: {o.status}" for o in failed)
+        client.set_tag(parent_run_id, "fc.failure_reason", reasons[:5000])
+    client.set_terminated(parent_run_id, status="FAILED" if failed else "FINISHED")

@@ -1,0 +1,63 @@
+"""End to end through `flwr run` on a real SuperLink + Ray simulation.
+
+Each simulation costs ~15 s of Ray start-up and ~1.5 GB, so the launcher run
+is one session fixture shared by the assertions below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fl_server.config import compose_config
+from fl_server.launch import run_job
+from fl_server.superlink import LocalSuperLink
+
+pytestmark = pytest.mark.e2e
+
+
+def test_launcher_run_completes_with_accuracy_above_chance(e2e_run):
+    result, uri = e2e_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    accuracy = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in accuracy] == [0, 1, 2]  # initial model + 2 rounds
+    assert accuracy[-1].value > 0.2  # 10 classes: chance is 0.1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "clients_replied")] == [4, 4]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "logs")}  # the streamed log
+
+
+def test_launcher_prints_progress_and_a_summary_not_ray_noise(e2e_run):
+    result, _ = e2e_run
+    assert "fedcontinuum runs" in result.stdout  # the summary table
+    assert "2/2" in result.stdout  # the progress bar reached the last round
+    assert "mlflow ui --backend-store-uri" in result.stdout
+    assert "ray" not in result.stdout.lower().replace("array", "")
+
+
+def test_superlink_and_its_children_are_stopped_by_pid():
+    with LocalSuperLink() as superlink:
+        pid, home = superlink.process.pid, superlink.home
+        assert home.is_dir()
+        os.kill(pid, 0)  # alive while in use
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole process group is gone
+    assert not home.exists()  # its FLWR_HOME is cleaned up
+
+
+def test_a_failed_flower_run_is_reported_as_failed(tmp_path):
+    """`flwr run` exits 0 when the run fails; the launcher must not believe it."""
+    cfg = compose_config(["num_rounds=1", "clients.num=2"])
+    with LocalSuperLink() as superlink:
+        # overrides the ServerApp cannot compose: the run fails inside Flower
+        outcome = run_job(cfg, ["strategy=nonexistent"], superlink, tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    assert not outcome.ok
+    assert outcome.flower_run_id is not None
+    assert outcome.status.startswith("finished:") and outcome.status != "finished:completed"
