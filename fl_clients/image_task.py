@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score, recall_score
 from torch import nn
 
 from fl_datasets.sources import LabelledImages
@@ -60,6 +59,8 @@ def predict(model: nn.Module, data: LabelledImages, batch_size: int = 1024) -> t
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
     """Accuracy, macro-F1, per-class recall and the weakest class's recall."""
+    from sklearn.metrics import f1_score, recall_score  # lazy: clients never need it
+
     labels = list(range(num_classes))
     recalls = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     metrics = {

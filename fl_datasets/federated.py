@@ -8,9 +8,13 @@ and serves every later client and round from its cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +22,8 @@ from .holdout import balanced_holdout
 from .long_tail import long_tail_indices
 from .partition import partition_pool
 from .sources import DataError, LabelledImages, load_medmnist_npz, load_mnist_5k
+
+CACHE_ENV = "FEDCONTINUUM_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -81,51 +87,100 @@ class FederatedImageData:
         )
 
 
-def _sources(spec: DataSpec, rng: np.random.Generator) -> tuple[LabelledImages, LabelledImages, LabelledImages]:
-    """(pool, public validation, test) before long-tail subsampling."""
+def _source(spec: DataSpec) -> tuple[LabelledImages, dict[str, np.ndarray]]:
+    """All samples of the task in one array, and its published splits (if any).
+
+    ``origin`` indexes into this array, so any subset is an index array.
+    """
     if spec.task == "mnist":
         data = load_mnist_5k()
-        test_idx, rest = balanced_holdout(data.y, spec.test_per_class, rng, "test")
-        remaining = data.take(rest)
-        val_idx, pool_idx = balanced_holdout(
-            remaining.y, spec.public_val_per_class, rng, "public val"
-        )
-        return remaining.take(pool_idx), remaining.take(val_idx), data.take(test_idx)
+        return data, {"all": data.origin}
     if spec.task == "breastmnist":
         if spec.path is None:
             raise DataError("task.path is not set: point it at a MedMNIST .npz")
         splits = load_medmnist_npz(spec.path)
-        val_idx, _ = balanced_holdout(
-            splits["val"].y, spec.public_val_per_class, rng, "public val"
+        joined = LabelledImages(
+            np.concatenate([splits[s].x for s in ("train", "val", "test")]),
+            np.concatenate([splits[s].y for s in ("train", "val", "test")]),
+            np.concatenate([splits[s].origin for s in ("train", "val", "test")]),
         )
-        return splits["train"], splits["val"].take(val_idx), splits["test"]
+        return joined, {s: splits[s].origin for s in ("train", "val", "test")}
     raise DataError(f"unknown task '{spec.task}': use mnist or breastmnist")
 
 
-@lru_cache(maxsize=4)
-def build_image_data(spec: DataSpec) -> FederatedImageData:
-    """Load, hold out, long-tail-subsample and partition; cached per process."""
+def _split_indices(spec: DataSpec, source: LabelledImages, splits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Index arrays (into ``source``) of the test set, public validation set and
+    every client's partition."""
     rng = np.random.default_rng(spec.seed)
-    pool, public_val, test = _sources(spec, rng)
-    found = int(pool.y.max()) + 1 if len(pool) else 0
+    y = source.y
+    if "all" in splits:  # no published split: hold out test, then validation
+        test_pos, rest_pos = balanced_holdout(y, spec.test_per_class, rng, "test")
+        val_pos, pool_pos = balanced_holdout(y[rest_pos], spec.public_val_per_class, rng, "public val")
+        test, public_val, pool = test_pos, rest_pos[val_pos], rest_pos[pool_pos]
+    else:
+        val_pos, _ = balanced_holdout(y[splits["val"]], spec.public_val_per_class, rng, "public val")
+        test, public_val, pool = splits["test"], splits["val"][val_pos], splits["train"]
+    found = int(y.max()) + 1 if len(y) else 0
     if found > spec.num_classes:
         raise DataError(
             f"the {spec.task} data has {found} classes but task.num_classes="
             f"{spec.num_classes}: set task.num_classes={found}"
         )
     if spec.rho > 1:
-        pool = pool.take(long_tail_indices(pool.y, spec.rho, rng))
+        pool = pool[long_tail_indices(y[pool], spec.rho, rng)]
     parts = partition_pool(
-        pool.y,
+        y[pool],
         spec.scheme,
         spec.num_clients,
         seed=spec.seed,
         alpha=spec.alpha,
         min_partition_size=spec.min_partition_size,
     )
+    indices = {"test": test, "public_val": public_val}
+    indices.update({f"client_{i}": pool[part] for i, part in enumerate(parts)})
+    return indices
+
+
+def _cached_split_indices(spec: DataSpec, source: LabelledImages, splits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`_split_indices`, shared between processes through a cache file.
+
+    The launcher points ``FEDCONTINUUM_CACHE_DIR`` at a folder that the
+    launcher, the ServerApp and every Ray worker can read: the split is then
+    computed once per job (the launcher's pre-flight check does it) instead of
+    once per process, and workers skip importing flwr-datasets (~2 s each).
+    Without the variable (plain ``flwr run``, other machines) each process
+    computes it; the result is the same, as it is a pure function of the spec.
+    """
+    cache_dir = os.environ.get(CACHE_ENV)
+    if not cache_dir:
+        return _split_indices(spec, source, splits)
+    path = Path(cache_dir) / f"split-{_spec_digest(spec)}.npz"
+    if path.exists():
+        with np.load(path) as cached:
+            return {key: cached[key] for key in cached.files}
+    indices = _split_indices(spec, source, splits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **indices)
+    os.replace(tmp.name, path)  # atomic: readers never see a partial file
+    return indices
+
+
+def _spec_digest(spec: DataSpec) -> str:
+    from importlib.metadata import version
+
+    text = spec.to_json() + version("flwr-datasets")
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@lru_cache(maxsize=4)
+def build_image_data(spec: DataSpec) -> FederatedImageData:
+    """Load, hold out, long-tail-subsample and partition; cached per process."""
+    source, splits = _source(spec)
+    indices = _cached_split_indices(spec, source, splits)
     return FederatedImageData(
-        clients=tuple(pool.take(idx) for idx in parts),
-        public_val=public_val,
-        test=test,
+        clients=tuple(source.take(indices[f"client_{i}"]) for i in range(spec.num_clients)),
+        public_val=source.take(indices["public_val"]),
+        test=source.take(indices["test"]),
         num_classes=spec.num_classes,
     )

@@ -9,8 +9,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from .sources import DataError
 
@@ -53,6 +51,10 @@ def partition_pool(
             "left after the hold-outs and the long-tail profile: use fewer clients "
             "or a smaller partition.rho"
         )
+    # imported here: ~2 s, and processes that read a cached split never need it
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     rng = np.random.default_rng(seed)
     # IidPartitioner shards contiguously: shuffle first so shards are random.
     order = rng.permutation(len(labels)) if scheme == "iid" else np.arange(len(labels))

@@ -8,6 +8,7 @@ resolved config, whichever process composes it.
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ CONF_DIR = PROJECT_DIR / "conf"
 STRATEGIES = ("fedavg", "fedavgm")
 TASKS = ("mnist", "breastmnist")
 PARTITIONS = ("iid", "dirichlet")
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the project's local SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_DIR / 'mlruns' / 'mlflow.db'}"
 
 
 class ConfigError(ValueError):

@@ -98,27 +98,26 @@ def _accuracy_plot(history: list[dict[str, Any]], title: str):
 def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id: str | None = None) -> dict[str, float]:
     """Run the configured experiment on ``grid``; returns the final metrics."""
     run_name = default_run_name(cfg)
+
+    def announce(run_id: str, experiment_id: str) -> None:
+        progress.emit("start", run_name=run_name, mlflow_run_id=run_id,
+                      experiment_id=experiment_id, num_rounds=int(cfg.num_rounds))
+
     tracker = RunTracker(
         tracking_uri,
         experiment=str(cfg.tracking.experiment),
         run_name=run_name,
         tags=run_tags(cfg),
         parent_run_id=parent_run_id,
-    )
-    progress.emit(
-        "start",
-        run_name=run_name,
-        mlflow_run_id=tracker.run_id,
-        experiment_id=tracker.experiment_id,
-        num_rounds=int(cfg.num_rounds),
+        on_created=announce,
     )
     try:
         return _run_tracked(grid, cfg, tracker, run_name)
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"
+        progress.emit("failed", reason=reason)
         tracker.log_text(traceback.format_exc(), "failure/traceback.txt")
         tracker.fail(reason)
-        progress.emit("failed", reason=reason, mlflow_run_id=tracker.run_id)
         raise
 
 
@@ -127,6 +126,7 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
     # Flower's strategies sample clients with the stdlib's global `random`.
     random.seed(int(cfg.seed))
     tracker.log_params(flatten(cfg))
+    tracker.warm_up("matplotlib.pyplot")  # for the final plot, while clients train
     spec = DataSpec.from_config(cfg)
     data = build_image_data(spec)
     tracker.log_text(_class_counts_csv(data.class_counts()), "data/client_class_counts.csv")
@@ -162,7 +162,7 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
     final_arrays = driver.run(ArrayRecord(model.state_dict()), num_rounds=int(cfg.num_rounds))
 
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
-    tracker.log_figure(_accuracy_plot(history, run_name), "plots/accuracy_vs_round.png")
+    tracker.log_figure(lambda: _accuracy_plot(history, run_name), "plots/accuracy_vs_round.png")
     if cfg.tracking.log_model:
         tracker.log_torch_state(final_arrays.to_torch_state_dict(), "model/final_state_dict.pt")
     final = {k: history[-1][k] for k in HEADLINE if k in history[-1]}

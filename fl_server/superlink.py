@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fl_datasets.federated import CACHE_ENV
 from fl_server.config import PROJECT_DIR
 
 FLWR_STATE_DIR = PROJECT_DIR / ".flwr"
@@ -81,7 +82,8 @@ class LocalSuperLink:
     def __init__(self, env: dict[str, str] | None = None, startup_timeout_s: float = 60.0) -> None:
         self.port = _free_port()
         self.home = FLWR_STATE_DIR / f"superlink-{self.port}"
-        self.env = flower_env(self.home, env)
+        # processes of this SuperLink share one split of the data (see fl_datasets.federated)
+        self.env = flower_env(self.home, {CACHE_ENV: str(self.cache_dir), **(env or {})})
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -93,7 +95,19 @@ class LocalSuperLink:
     def log_file(self) -> Path:
         return self.home / "superlink.log"
 
+    @property
+    def cache_dir(self) -> Path:
+        """Per-SuperLink scratch space shared with every process it spawns."""
+        return self.home / "cache"
+
     def start(self) -> "LocalSuperLink":
+        """Spawn the SuperLink and wait until it answers."""
+        self.spawn()
+        self.wait_until_ready()
+        return self
+
+    def spawn(self) -> "LocalSuperLink":
+        """Spawn the SuperLink without waiting (boot it while doing other work)."""
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -121,10 +135,10 @@ class LocalSuperLink:
             start_new_session=True,  # its own process group: we stop it whole
         )
         (self.home / "superlink.pid").write_text(str(self.process.pid))
-        self._wait_until_healthy()
         return self
 
-    def _wait_until_healthy(self) -> None:
+    def wait_until_ready(self) -> None:
+        """Block until the SuperLink's health endpoint answers."""
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:

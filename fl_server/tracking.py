@@ -3,29 +3,30 @@
 We use ``MlflowClient`` rather than the fluent API: several runs (a sweep's
 parent in the launcher, its children in ServerApp processes) are written from
 different processes, and explicit run ids keep each write where it belongs.
+
+A :class:`RunTracker` does its MLflow work on one background thread, in
+order: importing MLflow (~1.4 s), opening the store and creating the run
+overlap with Ray starting the clients, and rounds never wait on the store.
+``flush``, ``finish`` and ``fail`` wait for everything queued before them.
 """
 
 from __future__ import annotations
 
-import os
+import queue
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from fl_server.config import default_tracking_uri
 
-from fl_server.config import PROJECT_DIR
+__all__ = ["RunTracker", "default_tracking_uri", "ensure_experiment", "mark_failed", "attach_log"]
 
-DEFAULT_STORE_DIR = PROJECT_DIR / "mlruns"
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "fc.failure_reason"
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else the project's local SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE_DIR / 'mlflow.db'}"
 
 
 def _local_artifact_root(tracking_uri: str) -> str | None:
@@ -36,8 +37,10 @@ def _local_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
-def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     """Id of experiment ``name``, created if missing (safe under races)."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -51,7 +54,9 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
         return experiment.experiment_id
 
 
-def _client(tracking_uri: str) -> MlflowClient:
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=tracking_uri)
@@ -72,6 +77,8 @@ class RunTracker:
         Run tags (e.g. strategy, rho) for grouping in the MLflow UI.
     parent_run_id : str, optional
         Makes this run a child of a sweep's parent run.
+    on_created : callable, optional
+        Called (on the tracker's thread) with the run id once the run exists.
     """
 
     def __init__(
@@ -81,57 +88,157 @@ class RunTracker:
         run_name: str,
         tags: dict[str, str] | None = None,
         parent_run_id: str | None = None,
+        on_created: Callable[[str, str], None] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
-        self.client = _client(tracking_uri)
-        experiment_id = ensure_experiment(self.client, experiment, tracking_uri)
+        self._ops: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self._ready = False  # the run exists
+        self._creation_error: BaseException | None = None
+        self._first_error: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._worker.start()
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        self.run_id: str = run.info.run_id
-        self.experiment_id = experiment_id
 
+        def create() -> tuple[str, str]:
+            self.client = _client(tracking_uri)
+            experiment_id = ensure_experiment(self.client, experiment, tracking_uri)
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+            self._ready = True
+            if on_created is not None:
+                on_created(run.info.run_id, experiment_id)
+            return run.info.run_id, experiment_id
+
+        self._created = self._submit(create)
+
+    # -- the worker ---------------------------------------------------------
+    def _work(self) -> None:
+        while (item := self._ops.get()) is not None:
+            operation, future = item
+            if self._creation_error is not None:  # no run: everything after fails too
+                future.set_exception(self._creation_error)
+                continue
+            try:
+                future.set_result(operation())
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+                if not self._ready:
+                    self._creation_error = err
+                self._first_error = self._first_error or err
+                future.set_exception(err)
+
+    def _submit(self, operation: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._ops.put((operation, future))
+        return future
+
+    # -- identity -----------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id (waits until the run exists)."""
+        return self._created.result()[0]
+
+    @property
+    def experiment_id(self) -> str:
+        return self._created.result()[1]
+
+    # -- logging (queued) ---------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow takes 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        def log() -> None:
+            from mlflow.entities import Param
+
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for start in range(0, len(items), 100):  # MLflow takes 100 params per batch
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+        self._submit(log)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        values = {k: float(v) for k, v in metrics.items()}
+
+        def log() -> None:
+            from mlflow.entities import Metric
+
+            items = [Metric(k, v, now, step) for k, v in values.items()]
+            for start in range(0, len(items), 1000):
+                self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+        self._submit(log)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        def log() -> None:
+            from mlflow.entities import RunTag
 
-    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+        self._submit(log)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._submit(lambda: self.client.log_text(self.run_id, text, artifact_file))
 
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+    def log_figure(self, make_figure: Callable[[], Any], artifact_file: str) -> None:
+        """Queue ``make_figure()`` (it runs on the tracker's thread) and log it."""
+
+        def log() -> None:
+            import matplotlib.pyplot as plt
+
+            figure = make_figure()
+            self.client.log_figure(self.run_id, figure, artifact_file)
+            plt.close(figure)
+
+        self._submit(log)
 
     def log_torch_state(self, state_dict: dict[str, Any], artifact_file: str) -> None:
-        import torch
+        def log() -> None:
+            import torch
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            torch.save(state_dict, path)
-            self.log_file(path, str(Path(artifact_file).parent) or None)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                torch.save(state_dict, path)
+                self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+
+        self._submit(log)
+
+    def warm_up(self, *modules: str) -> None:
+        """Import ``modules`` on the tracker's thread while it is idle."""
+        import importlib
+
+        for module in modules:
+            self._submit(lambda m=module: importlib.import_module(m))
+
+    # -- waiting ------------------------------------------------------------
+    def flush(self) -> None:
+        """Wait for every queued operation; re-raise the first that failed."""
+        self._submit(lambda: None).exception()
+        if self._first_error is not None:
+            raise self._first_error
 
     def finish(self) -> None:
-        self.client.set_terminated(self.run_id, status="FINISHED")
+        """Write everything queued, then mark the run FINISHED.
+
+        Raises the first failed MLflow operation instead (the caller then
+        marks the run FAILED: a run with missing records is not FINISHED).
+        """
+        self.flush()
+        self._submit(lambda: self.client.set_terminated(self.run_id, status="FINISHED")).result()
+        self._stop()
 
     def fail(self, reason: str) -> None:
-        """Mark the run FAILED with its reason; keeps everything already logged."""
-        self.client.set_tag(self.run_id, FAILURE_TAG, reason[:5000])
-        self.client.set_terminated(self.run_id, status="FAILED")
+        """Write everything queued, then mark the run FAILED with its reason."""
+
+        def mark() -> None:
+            self.client.set_tag(self.run_id, FAILURE_TAG, reason[:5000])
+            self.client.set_terminated(self.run_id, status="FAILED")
+
+        try:
+            self._submit(mark).result()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._ops.put(None)
+        self._worker.join(timeout=60)
 
 
 def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
@@ -141,3 +248,13 @@ def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
     if run.info.status in ("RUNNING", "SCHEDULED"):
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
         client.set_terminated(run_id, status="FAILED")
+
+
+def attach_log(tracking_uri: str, run_id: str, log_path: Path | None) -> None:
+    """Attach a log file to a run; never fail the caller over it."""
+    if log_path is None or not log_path.exists():
+        return
+    try:
+        _client(tracking_uri).log_artifact(run_id, str(log_path), "logs")
+    except Exception:  # the log is also on disk
+        pass

@@ -29,7 +29,7 @@ def main(job_cfg: DictConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         cfg = finalize_config(job_cfg)
-        preflight(cfg)
+        preflight(cfg, shared_superlink().cache_dir)
     except ValueError as err:  # ConfigError / DataError: report, keep sweeping
         console.print(f"[bold red]error:[/bold red] {' '.join(overrides)}: {err}", highlight=False)
         outcomes.append(JobOutcome(ok=False, status="invalid config", run_name=" ".join(overrides), reason=str(err)))

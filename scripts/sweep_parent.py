@@ -55,6 +55,7 @@ class SweepParentRun(Callback):
             tags={"fc.kind": "sweep", "fc.sweep": sweep},
         )
         tracker.log_params({"sweep": sweep, "sweep_dir": str(config.hydra.sweep.dir)})
+        tracker.flush()
         os.environ[PARENT_ENV] = tracker.run_id
         console.print(f"[bold]sweep[/bold] {sweep}  (MLflow parent run {tracker.run_id})")
 

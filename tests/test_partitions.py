@@ -128,3 +128,20 @@ def test_npz_missing_a_split_names_it(tmp_path):
     np.savez(partial, train_images=np.zeros((2, 28, 28), np.uint8), train_labels=np.zeros(2, np.uint8))
     with pytest.raises(DataError, match="lacks 'val_images' or 'val_labels'"):
         load_medmnist_npz(partial)
+
+
+def test_split_is_shared_through_the_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDCONTINUUM_CACHE_DIR", str(tmp_path))
+    spec = mnist_spec(scheme="dirichlet", rho=10.0, seed=7)
+    build_image_data.cache_clear()
+    first = build_image_data(spec)
+    assert len(list(tmp_path.glob("split-*.npz"))) == 1
+    build_image_data.cache_clear()
+    again = build_image_data(spec)  # read back from the file
+    for a, b in zip(origins(first), origins(again)):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.delenv("FEDCONTINUUM_CACHE_DIR")
+    build_image_data.cache_clear()
+    computed = build_image_data(spec)
+    for a, b in zip(origins(first), origins(computed)):
+        np.testing.assert_array_equal(a, b)
