@@ -110,6 +110,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
         tags=run_tags(cfg),
         parent_run_id=parent_run_id,
         on_created=announce,
+        # MLflow's set-up waits until round 1 is dispatched: before that it
+        # would compete with the server's start-up for this process's GIL.
+        deferred=True,
     )
     try:
         return _run_tracked(grid, cfg, tracker, run_name)
@@ -148,6 +151,7 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "elapsed_wall_time_s": time.perf_counter() - started}
         tracker.log_metrics(metrics, step=server_round)
+        tracker.start_writing()  # round 1 is dispatched next: the server idles
         history.append({"round": server_round, **metrics})
         progress.emit("round", round=server_round, **{k: metrics[k] for k in metrics if k in _SHOWN})
 
