@@ -57,6 +57,13 @@ def predict(model: nn.Module, data: LabelledImages, batch_size: int = 1024) -> t
     return np.concatenate(preds), loss / max(len(y), 1)
 
 
+def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy within each true class (= per-class recall); 0 for absent classes."""
+    hits = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
+    totals = np.bincount(y_true, minlength=num_classes)
+    return np.divide(hits, totals, out=np.zeros(num_classes), where=totals > 0)
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
     """Accuracy, macro-F1, per-class recall and the weakest class's recall."""
     from sklearn.metrics import f1_score, recall_score  # lazy: clients never need it

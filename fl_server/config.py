@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
 
-STRATEGIES = ("fedavg", "fedavgm")
+STRATEGIES = ("fedavg", "fedavgm", "ass")
 TASKS = ("mnist", "breastmnist")
 PARTITIONS = ("iid", "dirichlet")
 
@@ -233,6 +233,19 @@ def validate_config(cfg: DictConfig) -> None:
             and cfg.strategy.server_learning_rate > 0,
             f"strategy.server_learning_rate={cfg.strategy.server_learning_rate} is "
             "invalid: it must be > 0",
+        )
+    if cfg.strategy.name == "ass":
+        for key in ("alpha", "beta", "gamma"):
+            value = cfg.strategy[key]
+            _require(
+                _is_number(value) and value >= 0,
+                f"strategy.{key}={value} is invalid: ASS exponents must be >= 0 "
+                "(0 switches that factor off)",
+            )
+        _require(
+            _is_number(cfg.strategy.floor) and 0 <= cfg.strategy.floor < 1,
+            f"strategy.floor={cfg.strategy.floor} is invalid: use a value in [0, 1) "
+            "(0 = the paper's literal min-max normalisation)",
         )
     path = cfg.task.get("path")
     if path is not None:

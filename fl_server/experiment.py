@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fl_clients.image_task import evaluate
+from fl_clients.image_task import evaluate, per_class_accuracy, predict
 from fl_clients.models import build_model
 from fl_datasets.federated import DataSpec, build_image_data
 from fl_server import progress
@@ -44,6 +44,8 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     }
     if cfg.partition.name == "dirichlet":
         tags["alpha"] = f"{cfg.partition.alpha:g}"
+    if cfg.strategy.name == "ass":  # the ablation's axes
+        tags["ass_abg"] = f"{cfg.strategy.alpha:g}/{cfg.strategy.beta:g}/{cfg.strategy.gamma:g}"
     return tags
 
 
@@ -155,8 +157,16 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
         history.append({"round": server_round, **metrics})
         progress.emit("round", round=server_round, **{k: metrics[k] for k in metrics if k in _SHOWN})
 
+    scorer = build_model(str(cfg.task.model), spec.num_classes)
+
+    def public_per_class_accuracy(arrays: ArrayRecord) -> np.ndarray:
+        """A client model's per-class accuracy on the public validation set."""
+        scorer.load_state_dict(arrays.to_torch_state_dict())
+        y_pred, _ = predict(scorer, data.public_val)
+        return per_class_accuracy(data.public_val.y, y_pred, spec.num_classes)
+
     driver = RoundDriver(
-        strategy=build_strategy(cfg),
+        strategy=build_strategy(cfg, public_per_class_accuracy),
         grid=grid,
         train_config=train_config(cfg, spec),
         evaluate_fn=evaluate_global,

@@ -23,7 +23,7 @@ METRICS = {
     "final_test_macro_f1": "macro-F1",
     "final_test_weakest_class_recall": "weakest-class recall",
 }
-GROUP_TAGS = ("task", "strategy", "partition", "alpha", "rho")
+GROUP_TAGS = ("task", "strategy", "ass_abg", "partition", "alpha", "rho")
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from omegaconf import DictConfig
 
+from .ass import AccuracyStabilitySize
 
-def build_strategy(cfg: DictConfig) -> Strategy:
+
+def build_strategy(
+    cfg: DictConfig,
+    public_per_class_accuracy: Callable[[ArrayRecord], np.ndarray] | None = None,
+) -> Strategy:
     """Instantiate ``cfg.strategy`` with the sampling settings of ``cfg.clients``.
 
     ``min_available_nodes`` is the whole federation, so round 1 never starts on
     a partly registered set of SuperNodes.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed config.
+    public_per_class_accuracy : callable, optional
+        Per-class accuracy of a model on the server's public validation set;
+        required by ``ass``.
     """
     sampling = dict(
         fraction_train=float(cfg.clients.fraction_train),
@@ -27,5 +44,16 @@ def build_strategy(cfg: DictConfig) -> Strategy:
             **sampling,
             server_learning_rate=float(cfg.strategy.server_learning_rate),
             server_momentum=float(cfg.strategy.server_momentum),
+        )
+    if name == "ass":
+        if public_per_class_accuracy is None:
+            raise ValueError("strategy 'ass' needs the server's public validation evaluator")
+        return AccuracyStabilitySize(
+            evaluate_per_class=public_per_class_accuracy,
+            alpha=float(cfg.strategy.alpha),
+            beta=float(cfg.strategy.beta),
+            gamma=float(cfg.strategy.gamma),
+            floor=float(cfg.strategy.floor),
+            **sampling,
         )
     raise ValueError(f"unknown strategy '{name}'")

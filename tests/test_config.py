@@ -9,7 +9,7 @@ from fl_server.config import ConfigError, compose_config, flatten, join_override
 from .conftest import run_module
 
 BAD_INPUTS = [
-    (["strategy=foo"], "unknown strategy 'foo': choose one of fedavg, fedavgm"),
+    (["strategy=foo"], "unknown strategy 'foo': choose one of ass, fedavg, fedavgm"),
     (["task=cifar"], "unknown task 'cifar': choose one of breastmnist, mnist"),
     (["partition=shards"], "unknown partition 'shards': choose one of dirichlet, iid"),
     (["partition.rho=0.5"], "partition.rho=0.5 is invalid"),
@@ -22,6 +22,9 @@ BAD_INPUTS = [
     (["task=breastmnist", "task.path=/no/such/file.npz"], "task.path=/no/such/file.npz does not exist"),
     (["strategy=fedavgm", "strategy.server_momentum=1.5"], "strategy.server_momentum=1.5 is invalid"),
     (["train.lr=-0.1"], "train.lr=-0.1 is invalid"),
+    (["strategy=ass", "strategy.alpha=-1"], "strategy.alpha=-1 is invalid: ASS exponents must be >= 0"),
+    (["strategy=ass", "strategy.gamma=-0.5"], "strategy.gamma=-0.5 is invalid"),
+    (["strategy=ass", "strategy.floor=1"], "strategy.floor=1 is invalid"),
     (["clients.num=4", "clients.min_train=5"], "clients.min_train=5 is invalid"),
 ]
 

@@ -90,3 +90,14 @@ def test_same_seed_same_result(tracking_uri, tmp_path):
     again = run_experiment(FakeGrid(range(4), in_process_client()), cfg, f"sqlite:///{tmp_path / 'b.db'}")
     assert first["test_accuracy"] == again["test_accuracy"]
     assert first["train_loss"] == again["train_loss"]
+
+
+def test_ass_strategy_scores_clients_on_the_public_set_and_logs_weights(tracking_uri):
+    cfg = compose_config([*FAST, "strategy=ass", "partition=dirichlet", "partition.alpha=0.5"])
+    final = run_experiment(FakeGrid(range(4), in_process_client()), cfg, tracking_uri)
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.tags["ass_abg"] == "1/1/1"
+    weights = [run.data.metrics[f"ass_weight_p{p}"] for p in range(4)]
+    assert sum(weights) == pytest.approx(1.0)
+    assert len(client.get_metric_history(run.info.run_id, "ass_weight_p0")) == 2  # every round
+    assert final["test_accuracy"] > 0.2
