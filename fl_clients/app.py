@@ -7,12 +7,15 @@ the ServerApp from ``conf/``), so clients never re-compose the config.
 
 from __future__ import annotations
 
+import json
 import time
+from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_clients.devices import Fleet, model_costs, round_cost
 from fl_clients.image_task import evaluate, train_local
 from fl_clients.models import build_model
 from fl_datasets.federated import DataSpec, build_image_data
@@ -59,16 +62,55 @@ def train(msg: Message, context: Context) -> Message:
         # a distinct, reproducible shuffle per (seed, round, client)
         seed=int(config["seed"]) * 1_000_003 + server_round * 1_009 + partition_id,
     )
-    metrics = MetricRecord(
-        {
-            "train_loss": loss,
-            "num-examples": len(data),
-            "partition-id": partition_id,
-            "train_time_s": time.perf_counter() - started,
-        }
-    )
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    arrays = ArrayRecord(model.state_dict())
+    metrics = {
+        "train_loss": loss,
+        "num-examples": len(data),
+        "partition-id": partition_id,
+        "dispatch-round": server_round,
+        "train_time_s": time.perf_counter() - started,
+    }
+    metrics.update(_virtual_cost(config, spec, partition_id, server_round, len(data), msg, arrays))
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def _fleet(config: ConfigRecord) -> Fleet:
+    return _fleet_from_json(str(config["devices"]))
+
+
+@lru_cache(maxsize=4)
+def _fleet_from_json(text: str) -> Fleet:
+    return Fleet.from_config(json.loads(text))
+
+
+def _virtual_cost(config, spec, partition_id, server_round, samples, msg, arrays) -> dict[str, float]:
+    """What this round would cost on this client's device (virtual clock)."""
+    if "devices" not in config:
+        return {}
+    fleet = _fleet(config)
+    profile = fleet.profiles[fleet.assign(spec.num_clients, spec.seed)[partition_id]]
+    forward_flops, _, _ = model_costs(str(config["model"]), spec.num_classes)
+    train_flops = 3 * forward_flops * samples * int(config["local-epochs"])  # fwd + 2x bwd
+    cost = round_cost(
+        fleet, profile, train_flops,
+        down_bytes=msg.content["arrays"].count_bytes(), up_bytes=arrays.count_bytes(),
+        seed=spec.seed, client=partition_id, server_round=server_round,
+    )
+    return {
+        "vc_compute_s": cost.compute_s,
+        "vc_downlink_s": cost.downlink_s,
+        "vc_uplink_s": cost.uplink_s,
+        "vc_energy_j": cost.energy_j,
+        "vc_up_bytes": float(arrays.count_bytes()),
+    }
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (and so which device) this node holds."""
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -247,6 +247,15 @@ def validate_config(cfg: DictConfig) -> None:
             f"strategy.floor={cfg.strategy.floor} is invalid: use a value in [0, 1) "
             "(0 = the paper's literal min-max normalisation)",
         )
+    deadline = cfg.devices.deadline_s
+    _require(
+        deadline is None or (_is_number(deadline) and deadline > 0),
+        f"devices.deadline_s={deadline} is invalid: use a positive number of virtual "
+        "seconds, or null for synchronous rounds",
+    )
+    from fl_clients.devices import Fleet  # no torch: cheap
+
+    Fleet.from_config(cfg.devices)  # raises ProfileError (a ValueError) naming the value
     path = cfg.task.get("path")
     if path is not None:
         _require(

@@ -10,6 +10,7 @@ logged stays.
 from __future__ import annotations
 
 import csv
+import json
 import io
 import random
 import time
@@ -19,14 +20,16 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fl_clients.image_task import evaluate, per_class_accuracy, predict
 from fl_clients.models import build_model
 from fl_datasets.federated import DataSpec, build_image_data
 from fl_server import progress
 from fl_server.config import default_run_name, flatten
-from fl_server.rounds import RoundDriver
+from fl_server.rounds import RoundDriver, discover_partitions
+from fl_server.virtual_clock import VirtualClock
+from fl_clients.devices import Fleet
 from fl_server.tracking import RunTracker
 from strategies import build_strategy
 
@@ -54,6 +57,7 @@ def train_config(cfg: DictConfig, spec: DataSpec) -> ConfigRecord:
     return ConfigRecord(
         {
             "data-spec": spec.to_json(),
+            "devices": json.dumps(OmegaConf.to_container(cfg.devices, resolve=True)),
             "model": str(cfg.task.model),
             "local-epochs": int(cfg.train.local_epochs),
             "batch-size": int(cfg.train.batch_size),
@@ -165,6 +169,11 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
         y_pred, _ = predict(scorer, data.public_val)
         return per_class_accuracy(data.public_val.y, y_pred, spec.num_classes)
 
+    fleet = Fleet.from_config(cfg.devices)
+    devices = fleet.assign(spec.num_clients, spec.seed)
+    tracker.log_text(
+        "client,device\n" + "".join(f"{i},{d}\n" for i, d in enumerate(devices)), "data/client_devices.csv"
+    )
     driver = RoundDriver(
         strategy=build_strategy(cfg, public_per_class_accuracy),
         grid=grid,
@@ -172,6 +181,10 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
         evaluate_fn=evaluate_global,
         on_round=on_round,
         timeout_s=float(cfg.simulation.round_timeout_s),
+        clock=VirtualClock(cfg.devices.deadline_s),
+        fleet=FleetAvailability(fleet, devices, spec.seed) if cfg.devices.availability else None,
+        partition_of=discover_partitions(grid, spec.num_clients, float(cfg.simulation.round_timeout_s)),
+        min_train=int(cfg.clients.min_train),
     )
     final_arrays = driver.run(ArrayRecord(model.state_dict()), num_rounds=int(cfg.num_rounds))
 
@@ -185,6 +198,19 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
     tracker.finish()
     progress.emit("finished", mlflow_run_id=tracker.run_id, **final)
     return final
+
+
+class FleetAvailability:
+    """Which partitions' devices are online at a virtual time (for the driver)."""
+
+    def __init__(self, fleet: Fleet, devices: list[str], seed: int) -> None:
+        self.fleet, self.devices, self.seed = fleet, devices, seed
+
+    def is_online(self, partition_id: int, virtual_time_s: float, server_round: int) -> bool:
+        from fl_clients.devices import is_online
+
+        profile = self.fleet.profiles[self.devices[partition_id]]
+        return is_online(profile, virtual_time_s, self.seed, partition_id, server_round)
 
 
 _SHOWN = (

@@ -74,9 +74,12 @@ def preflight(cfg: DictConfig, cache_dir: Path | None = None) -> None:
 
     from fl_datasets.federated import CACHE_ENV, DataSpec, build_image_data
 
+    from fl_clients.devices import Fleet, check_memory
+
     if cache_dir is not None:
         os.environ[CACHE_ENV] = str(cache_dir)
     build_image_data(DataSpec.from_config(cfg))
+    check_memory(Fleet.from_config(cfg.devices), str(cfg.task.model), int(cfg.task.num_classes), int(cfg.train.batch_size))
 
 
 def stage_app(dest: Path) -> Path:

@@ -12,12 +12,15 @@ only their ``configure_*``/``aggregate_*`` methods are called.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fl_server.virtual_clock import VirtualClock
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -68,6 +71,75 @@ def _prefixed(record: MetricRecord | None, prefix: str, skip: tuple[str, ...]) -
     }
 
 
+class Fleet(Protocol):
+    """What the driver needs to know about the simulated devices."""
+
+    def is_online(self, partition_id: int, virtual_time_s: float, server_round: int) -> bool: ...
+
+
+class _SamplingView(Grid):
+    """The Grid as a strategy should see it this round: only the nodes that
+    are online and not busy with an earlier update can be sampled."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    # Grid's abstract interface, delegated
+    def set_run(self, run_id: int) -> None:
+        self._grid.set_run(run_id)
+
+    @property
+    def run(self):  # noqa: D401
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def discover_partitions(grid: Grid, expected: int, timeout_s: float) -> dict[int, int]:
+    """Ask every node which partition it holds (one QUERY message each).
+
+    Waits until ``expected`` nodes are connected. The server needs the map to
+    know each node's device profile before it samples anyone.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(node_ids)} of {expected} SuperNodes connected in {timeout_s:.0f} s")
+        time.sleep(0.5)
+    queries = [
+        Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in node_ids
+    ]
+    replies = list(grid.send_and_receive(queries, timeout=timeout_s))
+    mapping = {}
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} did not say its partition: {reply.error.reason}")
+        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+    return mapping
+
+
+def _virtual_duration(reply: Message) -> float:
+    metrics = reply.content["metrics"]
+    return float(sum(metrics.get(k, 0.0) for k in ("vc_downlink_s", "vc_compute_s", "vc_uplink_s")))
+
+
 class RoundDriver:
     """Run ``num_rounds`` of train (+ optional federated evaluation) rounds.
 
@@ -85,9 +157,19 @@ class RoundDriver:
     on_round : callable
         ``(server_round, metrics)``: receives every round's metrics.
     timeout_s : float
-        How long a round waits for replies; a client that misses it fails.
+        How long a round waits for replies (real seconds); a client that
+        misses it fails.
     evaluate_config : ConfigRecord, optional
         Sent to clients for federated evaluation, if the strategy samples any.
+    clock : VirtualClock, optional
+        Virtual timeline (deadline, stale updates). Default: synchronous.
+    fleet : Fleet, optional
+        Device availability; with it only online, idle nodes are sampled.
+    partition_of : dict, optional
+        node id -> partition id (see :func:`discover_partitions`); required
+        with ``fleet``.
+    min_train : int
+        A round needs this many samplable nodes; with fewer it is idle.
     """
 
     def __init__(
@@ -99,6 +181,10 @@ class RoundDriver:
         on_round: RoundCallback,
         timeout_s: float,
         evaluate_config: ConfigRecord | None = None,
+        clock: VirtualClock | None = None,
+        fleet: Fleet | None = None,
+        partition_of: dict[int, int] | None = None,
+        min_train: int = 1,
     ) -> None:
         self.strategy = strategy
         self.grid = grid
@@ -107,6 +193,11 @@ class RoundDriver:
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
         self.timeout_s = timeout_s
+        self.clock = clock or VirtualClock()
+        self.fleet = fleet
+        self.partition_of = partition_of or {}
+        self.min_train = min_train
+        self.energy_j = 0.0
 
     def run(self, initial_arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:
         """Run all rounds; returns the final global arrays."""
@@ -118,25 +209,58 @@ class RoundDriver:
             self.on_round(server_round, outcome.metrics)
         return arrays
 
+    def samplable(self, server_round: int) -> list[int]:
+        """Nodes that are online now and not busy with an earlier update."""
+        nodes = [n for n in self.grid.get_node_ids() if not self.clock.is_busy(n)]
+        if self.fleet is None:
+            return nodes
+        return [
+            n for n in nodes
+            if self.fleet.is_online(self.partition_of[n], self.clock.now_s, server_round)
+        ]
+
     def run_round(self, server_round: int, arrays: ArrayRecord) -> RoundResult:
         started = time.perf_counter()
-        sent = list(
-            self.strategy.configure_train(
-                server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid
-            )
-        )
-        replies = canonical_order(list(self.grid.send_and_receive(sent, timeout=self.timeout_s)))
+        candidates = self.samplable(server_round)
+        sent: list[Message] = []
+        replies: list[Message] = []
+        if len(candidates) >= self.min_train:
+            view = _SamplingView(self.grid, candidates)
+            config = ConfigRecord(dict(self.train_config))
+            sent = list(self.strategy.configure_train(server_round, arrays, config, view))
+            replies = canonical_order(list(self.grid.send_and_receive(sent, timeout=self.timeout_s)))
+            good = [r for r in replies if not r.has_error()]
+            close = self.clock.close_round(server_round, [(r, _virtual_duration(r)) for r in good])
+        else:
+            close = self.clock.idle_round(server_round)
         replied, failures = _count_replies(sent, replies)
-        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        for arrival, tau in zip(close.applied, close.staleness):
+            arrival.reply.content["metrics"]["staleness"] = tau
+        errors = [r for r in replies if r.has_error()]
+        new_arrays, train_metrics = self.strategy.aggregate_train(
+            server_round, [a.reply for a in close.applied] + errors
+        )
         if new_arrays is not None:
             arrays = new_arrays
+        round_energy = sum(float(r.content["metrics"].get("vc_energy_j", 0.0)) for r in replies if not r.has_error())
+        self.energy_j += round_energy
         metrics = {
+            "clients_samplable": float(len(candidates)),
             "clients_sampled": float(len(sent)),
             "clients_replied": float(replied),
             "clients_failed": float(len(failures)),
             "round_aggregated": float(new_arrays is not None),
+            "updates_applied": float(len(close.applied)),
+            "updates_stale": float(sum(1 for tau in close.staleness if tau > 0)),
+            "updates_held_back": float(close.held_back),
+            "virtual_time_s": close.end_s,
+            "round_virtual_s": close.end_s - close.start_s,
+            "energy_j": round_energy,
+            "energy_total_j": self.energy_j,
         }
-        metrics.update(_prefixed(train_metrics, "", skip=("num-examples", "partition-id")))
+        for tau in sorted(set(close.staleness)):
+            metrics[f"staleness_tau{tau}"] = float(close.staleness.count(tau))
+        metrics.update(_prefixed(train_metrics, "", skip=("num-examples", "partition-id", "dispatch-round")))
         metrics.update(self._federated_evaluation(server_round, arrays))
         metrics["round_train_time_s"] = time.perf_counter() - started
         metrics.update(self.evaluate_fn(server_round, arrays))

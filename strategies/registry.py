@@ -18,8 +18,9 @@ def build_strategy(
 ) -> Strategy:
     """Instantiate ``cfg.strategy`` with the sampling settings of ``cfg.clients``.
 
-    ``min_available_nodes`` is the whole federation, so round 1 never starts on
-    a partly registered set of SuperNodes.
+    The round driver offers strategies only the nodes that are online and not
+    busy, and waits for the whole federation before round 1 itself, so
+    ``min_available_nodes`` is the per-round minimum ``clients.min_train``.
 
     Parameters
     ----------
@@ -34,7 +35,7 @@ def build_strategy(
         fraction_evaluate=float(cfg.clients.fraction_evaluate),
         min_train_nodes=int(cfg.clients.min_train),
         min_evaluate_nodes=int(cfg.clients.min_train) if cfg.clients.fraction_evaluate > 0 else 0,
-        min_available_nodes=int(cfg.clients.num),
+        min_available_nodes=int(cfg.clients.min_train),
     )
     name = cfg.strategy.name
     if name == "fedavg":

@@ -31,14 +31,14 @@ def test_fedavgm_from_config_uses_paper_momentum():
     assert isinstance(strategy, FedAvgM)
     assert strategy.server_momentum == 0.9
     assert strategy.server_learning_rate == 1.0
-    assert strategy.min_available_nodes == 2
+    assert strategy.min_available_nodes == 2  # clients.min_train
 
 
 def test_fedavg_from_config():
     strategy = build_strategy(compose_config(["clients.num=4", "clients.fraction_train=0.5"]))
     assert type(strategy) is FedAvg
     assert strategy.fraction_train == 0.5
-    assert strategy.min_available_nodes == 4
+    assert strategy.min_available_nodes == 2  # clients.min_train: the driver waits for all
 
 
 def test_fedavgm_two_rounds_hand_computed():

@@ -4,7 +4,7 @@ real MLflow store, driven through a fake Grid (no Ray): fast and exact."""
 from __future__ import annotations
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
 
 from fl_clients import app as client_app
@@ -20,13 +20,15 @@ def in_process_client(fail_nodes: set[int] = frozenset(), crash_round: int | Non
 
     def reply(message: Message) -> Message:
         node = message.metadata.dst_node_id
+        context = Context(run_id=1, node_id=node, node_config={"partition-id": node, "num-partitions": 4},
+                          state=RecordDict(), run_config={})
+        if message.metadata.message_type == MessageType.QUERY:
+            return client_app.query(message, context)
         server_round = int(message.content["config"]["server-round"])
         if crash_round is not None and server_round == crash_round:
             raise RuntimeError("the grid went away")
         if node in fail_nodes:
             return Message(Error(code=1, reason="simulated client crash"), reply_to=message)
-        context = Context(run_id=1, node_id=node, node_config={"partition-id": node, "num-partitions": 4},
-                          state=RecordDict(), run_config={})
         return client_app.train(message, context)
 
     return reply
@@ -101,3 +103,14 @@ def test_ass_strategy_scores_clients_on_the_public_set_and_logs_weights(tracking
     assert sum(weights) == pytest.approx(1.0)
     assert len(client.get_metric_history(run.info.run_id, "ass_weight_p0")) == 2  # every round
     assert final["test_accuracy"] > 0.2
+
+
+def test_virtual_clock_availability_and_deadline_are_tracked(tracking_uri):
+    cfg = compose_config([*FAST, "num_rounds=3", "devices.availability=true", "devices.deadline_s=0.09"])
+    run_experiment(FakeGrid(range(4), in_process_client()), cfg, tracking_uri)
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    times = [m.value for m in client.get_metric_history(run.info.run_id, "virtual_time_s")]
+    assert len(times) == 3 and times == sorted(times) and times[0] > 0
+    assert client.get_metric_history(run.info.run_id, "energy_total_j")[-1].value > 0
+    assert "data/client_devices.csv" in {a.path for a in client.list_artifacts(run.info.run_id, "data")}
