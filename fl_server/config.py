@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
 
-STRATEGIES = ("fedavg", "fedavgm", "ass")
+STRATEGIES = ("fedavg", "fedavgm", "ass", "staleness_clustered")
 TASKS = ("mnist", "breastmnist")
 PARTITIONS = ("iid", "dirichlet")
 
@@ -247,6 +247,8 @@ def validate_config(cfg: DictConfig) -> None:
             f"strategy.floor={cfg.strategy.floor} is invalid: use a value in [0, 1) "
             "(0 = the paper's literal min-max normalisation)",
         )
+    if cfg.strategy.name == "staleness_clustered":
+        _validate_staleness_clustered(cfg)
     deadline = cfg.devices.deadline_s
     _require(
         deadline is None or (_is_number(deadline) and deadline > 0),
@@ -271,6 +273,33 @@ def validate_config(cfg: DictConfig) -> None:
         _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,
         f"simulation.round_timeout_s={cfg.simulation.round_timeout_s} is invalid: must be > 0",
     )
+
+
+def _validate_staleness_clustered(cfg: DictConfig) -> None:
+    sc = cfg.strategy
+    _require(_is_number(sc.mixing) and 0 < sc.mixing <= 1,
+             f"strategy.mixing={sc.mixing} is invalid: use a value in (0, 1]")
+    _require(sc.discount in ("constant", "polynomial", "hinge"),
+             f"strategy.discount={sc.discount} is unknown: use constant, polynomial or hinge")
+    _require(_is_number(sc.discount_a) and sc.discount_a > 0,
+             f"strategy.discount_a={sc.discount_a} is invalid: must be > 0")
+    _require(isinstance(sc.discount_b, int) and sc.discount_b >= 0,
+             f"strategy.discount_b={sc.discount_b} is invalid: use an integer >= 0")
+    _require(sc.num_clusters is None or sc.similarity_threshold is None,
+             "strategy.num_clusters and strategy.similarity_threshold are exclusive: set one to null")
+    if sc.num_clusters is not None:
+        _require(isinstance(sc.num_clusters, int) and 1 <= sc.num_clusters <= cfg.clients.num,
+                 f"strategy.num_clusters={sc.num_clusters} is invalid: use an integer in "
+                 f"[1, clients.num={cfg.clients.num}]")
+    if sc.similarity_threshold is not None:
+        _require(_is_number(sc.similarity_threshold) and -1 < sc.similarity_threshold < 1,
+                 f"strategy.similarity_threshold={sc.similarity_threshold} is invalid: use a value in (-1, 1)")
+    _require(isinstance(sc.recluster_every, int) and sc.recluster_every >= 1,
+             f"strategy.recluster_every={sc.recluster_every} is invalid: use an integer >= 1")
+    _require(_is_number(sc.server_momentum) and 0 <= sc.server_momentum < 1,
+             f"strategy.server_momentum={sc.server_momentum} is invalid: use a value in [0, 1)")
+    _require(isinstance(sc.max_staleness, int) and sc.max_staleness >= 0,
+             f"strategy.max_staleness={sc.max_staleness} is invalid: use an integer >= 0")
 
 
 def _is_number(value: Any) -> bool:

@@ -263,9 +263,25 @@ class RoundDriver:
         metrics.update(_prefixed(train_metrics, "", skip=("num-examples", "partition-id", "dispatch-round")))
         metrics.update(self._federated_evaluation(server_round, arrays))
         metrics["round_train_time_s"] = time.perf_counter() - started
-        metrics.update(self.evaluate_fn(server_round, arrays))
+        metrics.update(self._evaluate(server_round, arrays))
         metrics["round_wall_time_s"] = time.perf_counter() - started
         return RoundResult(arrays=arrays, metrics=metrics, failures=failures)
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        """Server-side evaluation; a strategy with several models (clusters)
+        has each evaluated, and the headline metrics are their averages
+        weighted by cluster membership."""
+        per_model = getattr(self.strategy, "models_for_evaluation", None)
+        models = per_model() if per_model is not None else {}
+        if len(models) <= 1:
+            return self.evaluate_fn(server_round, arrays)
+        results = {c: (self.evaluate_fn(server_round, a), w) for c, (a, w) in models.items()}
+        total = sum(w for _, w in results.values())
+        first = next(iter(results.values()))[0]
+        combined = {k: sum(r[k] * w for r, w in results.values()) / total for k in first}
+        for cluster, (result, _) in results.items():
+            combined[f"cluster{cluster}_test_accuracy"] = result.get("test_accuracy", float("nan"))
+        return combined
 
     def _federated_evaluation(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         sent = list(

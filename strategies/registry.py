@@ -10,6 +10,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from omegaconf import DictConfig
 
 from .ass import AccuracyStabilitySize
+from .staleness_clustered import StalenessClustered
 
 
 def build_strategy(
@@ -55,6 +56,21 @@ def build_strategy(
             beta=float(cfg.strategy.beta),
             gamma=float(cfg.strategy.gamma),
             floor=float(cfg.strategy.floor),
+            **sampling,
+        )
+    if name == "staleness_clustered":
+        sc = cfg.strategy
+        return StalenessClustered(
+            mixing=float(sc.mixing),
+            discount=str(sc.discount),
+            discount_a=float(sc.discount_a),
+            discount_b=int(sc.discount_b),
+            num_clusters=None if sc.num_clusters is None else int(sc.num_clusters),
+            similarity_threshold=None if sc.similarity_threshold is None else float(sc.similarity_threshold),
+            recluster_every=int(sc.recluster_every),
+            server_momentum=float(sc.server_momentum),
+            max_staleness=int(sc.max_staleness),
+            seed=int(cfg.seed),
             **sampling,
         )
     raise ValueError(f"unknown strategy '{name}'")

@@ -114,3 +114,17 @@ def test_virtual_clock_availability_and_deadline_are_tracked(tracking_uri):
     assert len(times) == 3 and times == sorted(times) and times[0] > 0
     assert client.get_metric_history(run.info.run_id, "energy_total_j")[-1].value > 0
     assert "data/client_devices.csv" in {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+
+
+def test_staleness_clustered_with_deadline_and_clusters(tracking_uri):
+    cfg = compose_config([*FAST, "num_rounds=3", "strategy=staleness_clustered", "strategy.num_clusters=2",
+                          "strategy.recluster_every=1", "partition=dirichlet", "partition.alpha=0.1",
+                          "partition.min_partition_size=2", "devices.deadline_s=0.09"])
+    final = run_experiment(FakeGrid(range(4), in_process_client()), cfg, tracking_uri)
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["num_clusters"] == 2
+    assignments = {k: v for k, v in run.data.metrics.items() if k.startswith("cluster_p")}
+    assert len(assignments) >= 2 and set(assignments.values()) == {0.0, 1.0}
+    assert "cluster0_test_accuracy" in run.data.metrics and "cluster1_test_accuracy" in run.data.metrics
+    assert 0 <= final["test_accuracy"] <= 1
