@@ -47,6 +47,8 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     }
     if cfg.partition.name == "dirichlet":
         tags["alpha"] = f"{cfg.partition.alpha:g}"
+    tags["deadline"] = "sync" if cfg.devices.deadline_s is None else f"{cfg.devices.deadline_s:g}s"
+    tags["availability"] = "on" if cfg.devices.availability else "off"
     if cfg.strategy.name == "ass":  # the ablation's axes
         tags["ass_abg"] = f"{cfg.strategy.alpha:g}/{cfg.strategy.beta:g}/{cfg.strategy.gamma:g}"
     return tags

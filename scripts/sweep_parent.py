@@ -65,20 +65,20 @@ class SweepParentRun(Callback):
         console.print(summary_table(outcomes))
         failed = [o for o in outcomes if not o.ok]
         if parent_run_id:
-            _finish_parent(parent_run_id, failed)
+            _finish_parent(parent_run_id, failed, config.report.target_accuracy)
         if failed:
             console.print(f"[bold red]{len(failed)} of {len(outcomes)} runs failed[/bold red]")
             sys.exit(1)
 
 
-def _finish_parent(parent_run_id: str, failed: list[JobOutcome]) -> None:
+def _finish_parent(parent_run_id: str, failed: list[JobOutcome], target: float | None) -> None:
     from mlflow.tracking import MlflowClient
 
     from scripts.report import accuracy_vs_rho_figure, child_runs, markdown, summarise
 
     client = MlflowClient(default_tracking_uri())
     try:
-        table = summarise(child_runs(client, parent_run_id))
+        table = summarise(child_runs(client, parent_run_id, target))
         text = markdown(table)
         client.log_text(parent_run_id, text, "report/summary.md")
         client.log_figure(parent_run_id, accuracy_vs_rho_figure(table), "report/accuracy_vs_rho.png")
