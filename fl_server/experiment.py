@@ -29,7 +29,7 @@ from fl_server import progress
 from fl_server.config import default_run_name, flatten
 from fl_server.rounds import RoundDriver, discover_partitions
 from fl_server.virtual_clock import VirtualClock
-from fl_clients.devices import Fleet
+from fl_clients.devices import Fleet, check_memory
 from fl_server.tracking import RunTracker
 from strategies import build_strategy
 
@@ -172,6 +172,7 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
         return per_class_accuracy(data.public_val.y, y_pred, spec.num_classes)
 
     fleet = Fleet.from_config(cfg.devices)
+    check_memory(fleet, str(cfg.task.model), spec.num_classes, int(cfg.train.batch_size))
     devices = fleet.assign(spec.num_clients, spec.seed)
     tracker.log_text(
         "client,device\n" + "".join(f"{i},{d}\n" for i, d in enumerate(devices)), "data/client_devices.csv"

@@ -5,6 +5,10 @@ class-balanced test set of 100 per class is held out, then a further 20 per
 class (unused here; it keeps the 3,800-sample training pool identical to
 fedcontinuum's), and the rest is shuffled with a seeded RNG and cut into
 equal IID shards, one per client.
+
+The CNN and the training loop are deliberate copies of fedcontinuum's
+(fl_clients/models.py, fl_clients/image_task.py): the baseline must not import
+the platform it is measured against, yet train exactly the same way.
 """
 
 from __future__ import annotations
