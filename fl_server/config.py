@@ -54,7 +54,8 @@ def _group_options(group: str) -> list[str]:
 
 def _explain_composition_error(err: Exception, overrides: list[str]) -> ConfigError:
     text = str(err)
-    for group in ("strategy", "task", "partition"):
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    for group in groups:
         for override in overrides:
             key, _, value = override.partition("=")
             if key.lstrip("+~") == group and value not in _group_options(group):

@@ -15,6 +15,7 @@ import io
 import random
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,10 @@ from fl_clients.models import build_model
 from fl_datasets.federated import DataSpec, build_image_data
 from fl_server import progress
 from fl_server.config import default_run_name, flatten
-from fl_server.rounds import RoundDriver, discover_partitions
-from fl_server.virtual_clock import VirtualClock
 from fl_clients.devices import Fleet, check_memory
+from fl_server.rounds import RoundDriver, discover_partitions
 from fl_server.tracking import RunTracker
+from fl_server.virtual_clock import VirtualClock
 from strategies import build_strategy
 
 HEADLINE = ("test_accuracy", "test_macro_f1", "test_weakest_class_recall", "train_loss")
@@ -163,22 +164,12 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
         history.append({"round": server_round, **metrics})
         progress.emit("round", round=server_round, **{k: metrics[k] for k in metrics if k in _SHOWN})
 
-    scorer = build_model(str(cfg.task.model), spec.num_classes)
-
-    def public_per_class_accuracy(arrays: ArrayRecord) -> np.ndarray:
-        """A client model's per-class accuracy on the public validation set."""
-        scorer.load_state_dict(arrays.to_torch_state_dict())
-        y_pred, _ = predict(scorer, data.public_val)
-        return per_class_accuracy(data.public_val.y, y_pred, spec.num_classes)
-
-    fleet = Fleet.from_config(cfg.devices)
-    check_memory(fleet, str(cfg.task.model), spec.num_classes, int(cfg.train.batch_size))
-    devices = fleet.assign(spec.num_clients, spec.seed)
+    fleet, devices = _fleet(cfg, spec)
     tracker.log_text(
         "client,device\n" + "".join(f"{i},{d}\n" for i, d in enumerate(devices)), "data/client_devices.csv"
     )
     driver = RoundDriver(
-        strategy=build_strategy(cfg, public_per_class_accuracy),
+        strategy=build_strategy(cfg, _public_scorer(cfg, spec, data)),
         grid=grid,
         train_config=train_config(cfg, spec),
         evaluate_fn=evaluate_global,
@@ -201,6 +192,26 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
     tracker.finish()
     progress.emit("finished", mlflow_run_id=tracker.run_id, **final)
     return final
+
+
+def _public_scorer(cfg: DictConfig, spec: DataSpec, data) -> Callable[[ArrayRecord], np.ndarray]:
+    """Per-class accuracy of a (client) model on the server's public validation set."""
+    scorer = build_model(str(cfg.task.model), spec.num_classes)
+
+    def per_class(arrays: ArrayRecord) -> np.ndarray:
+        scorer.load_state_dict(arrays.to_torch_state_dict())
+        y_pred, _ = predict(scorer, data.public_val)
+        return per_class_accuracy(data.public_val.y, y_pred, spec.num_classes)
+
+    return per_class
+
+
+def _fleet(cfg: DictConfig, spec: DataSpec) -> tuple[Fleet, list[str]]:
+    """The device fleet (refused if a device cannot hold model and batch) and
+    each client's device."""
+    fleet = Fleet.from_config(cfg.devices)
+    check_memory(fleet, str(cfg.task.model), spec.num_classes, int(cfg.train.batch_size))
+    return fleet, fleet.assign(spec.num_clients, spec.seed)
 
 
 class FleetAvailability:

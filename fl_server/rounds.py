@@ -71,7 +71,7 @@ def _prefixed(record: MetricRecord | None, prefix: str, skip: tuple[str, ...]) -
     }
 
 
-class Fleet(Protocol):
+class Availability(Protocol):
     """What the driver needs to know about the simulated devices."""
 
     def is_online(self, partition_id: int, virtual_time_s: float, server_round: int) -> bool: ...
@@ -163,7 +163,7 @@ class RoundDriver:
         Sent to clients for federated evaluation, if the strategy samples any.
     clock : VirtualClock, optional
         Virtual timeline (deadline, stale updates). Default: synchronous.
-    fleet : Fleet, optional
+    fleet : Availability, optional
         Device availability; with it only online, idle nodes are sampled.
     partition_of : dict, optional
         node id -> partition id (see :func:`discover_partitions`); required
@@ -182,7 +182,7 @@ class RoundDriver:
         timeout_s: float,
         evaluate_config: ConfigRecord | None = None,
         clock: VirtualClock | None = None,
-        fleet: Fleet | None = None,
+        fleet: Availability | None = None,
         partition_of: dict[int, int] | None = None,
         min_train: int = 1,
     ) -> None:

@@ -12,6 +12,7 @@ BAD_INPUTS = [
     (["strategy=foo"], "unknown strategy 'foo': choose one of ass, fedavg, fedavgm"),
     (["task=cifar"], "unknown task 'cifar': choose one of breastmnist, mnist"),
     (["partition=shards"], "unknown partition 'shards': choose one of dirichlet, iid"),
+    (["devices=raspberry"], "unknown devices 'raspberry': choose one of mixed"),
     (["partition.rho=0.5"], "partition.rho=0.5 is invalid"),
     (["partition=dirichlet", "partition.alpha=0"], "partition.alpha=0 is invalid"),
     (["partition=dirichlet", "partition.alpha=-1"], "partition.alpha=-1 is invalid"),
