@@ -267,8 +267,9 @@ def validate_config(cfg: DictConfig) -> None:
             "(e.g. task.path=../shared/data/medmnist/breastmnist.npz)",
         )
     _require(
-        _is_number(cfg.simulation.cpus_per_client) and cfg.simulation.cpus_per_client > 0,
-        f"simulation.cpus_per_client={cfg.simulation.cpus_per_client} is invalid: must be > 0",
+        isinstance(cfg.simulation.cpus_per_client, int) and cfg.simulation.cpus_per_client >= 1,
+        f"simulation.cpus_per_client={cfg.simulation.cpus_per_client} is invalid: Flower takes "
+        "a whole number of CPUs per simulated client, e.g. simulation.cpus_per_client=1",
     )
     _require(
         _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,

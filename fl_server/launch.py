@@ -72,9 +72,8 @@ def preflight(cfg: DictConfig, cache_dir: Path | None = None) -> None:
     starts; with ``cache_dir`` the split is saved for the run's processes."""
     import os
 
-    from fl_datasets.federated import CACHE_ENV, DataSpec, build_image_data
-
     from fl_clients.devices import Fleet, check_memory
+    from fl_datasets.federated import CACHE_ENV, DataSpec, build_image_data
 
     if cache_dir is not None:
         os.environ[CACHE_ENV] = str(cache_dir)
