@@ -210,8 +210,15 @@ class RoundDriver:
         return arrays
 
     def samplable(self, server_round: int) -> list[int]:
-        """Nodes that are online now and not busy with an earlier update."""
-        nodes = [n for n in self.grid.get_node_ids() if not self.clock.is_busy(n)]
+        """Nodes that are online now and not busy with an earlier update.
+
+        Ordered by partition id: node ids are random per simulation, so a
+        seeded sampler over this list picks the same partitions every run.
+        """
+        nodes = sorted(
+            (n for n in self.grid.get_node_ids() if not self.clock.is_busy(n)),
+            key=lambda n: self.partition_of.get(n, n),
+        )
         if self.fleet is None:
             return nodes
         return [

@@ -15,19 +15,20 @@ from strategies.testing import FakeGrid
 FAST = ["num_rounds=2", "clients.num=4", "seed=1"]
 
 
-def in_process_client(fail_nodes: set[int] = frozenset(), crash_round: int | None = None):
-    """Reply as the real ClientApp would; node id = partition id."""
+def in_process_client(fail_nodes: set[int] = frozenset(), crash_round: int | None = None, node_offset: int = 0):
+    """Reply as the real ClientApp would; partition id = node id - node_offset."""
 
     def reply(message: Message) -> Message:
         node = message.metadata.dst_node_id
-        context = Context(run_id=1, node_id=node, node_config={"partition-id": node, "num-partitions": 4},
+        partition = node - node_offset
+        context = Context(run_id=1, node_id=node, node_config={"partition-id": partition, "num-partitions": 4},
                           state=RecordDict(), run_config={})
         if message.metadata.message_type == MessageType.QUERY:
             return client_app.query(message, context)
         server_round = int(message.content["config"]["server-round"])
         if crash_round is not None and server_round == crash_round:
             raise RuntimeError("the grid went away")
-        if node in fail_nodes:
+        if partition in fail_nodes:
             return Message(Error(code=1, reason="simulated client crash"), reply_to=message)
         return client_app.train(message, context)
 
@@ -128,3 +129,13 @@ def test_staleness_clustered_with_deadline_and_clusters(tracking_uri):
     assert len(assignments) >= 2 and set(assignments.values()) == {0.0, 1.0}
     assert "cluster0_test_accuracy" in run.data.metrics and "cluster1_test_accuracy" in run.data.metrics
     assert 0 <= final["test_accuracy"] <= 1
+
+
+def test_partial_participation_is_reproducible_whatever_the_node_ids(tracking_uri, tmp_path):
+    """Simulated node ids are random per run; the sampled partitions must not be."""
+    cfg = compose_config([*FAST, "clients.fraction_train=0.5"])
+    first = run_experiment(FakeGrid(range(4), in_process_client()), cfg, tracking_uri)
+    shifted = FakeGrid([907, 905, 906, 904], in_process_client(node_offset=904))
+    again = run_experiment(shifted, cfg, f"sqlite:///{tmp_path / 'b.db'}")
+    assert first["test_accuracy"] == again["test_accuracy"]
+    assert first["train_loss"] == again["train_loss"]
