@@ -14,6 +14,7 @@ import pytest
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_DIR.parent / "shared" / "data"
 BREASTMNIST = SHARED_DATA / "medmnist" / "breastmnist.npz"
+GWA_DIR = SHARED_DATA / "gwa-t-12-rnd" / "2013-8"
 
 
 def sqlite_uri(path: Path) -> str:
@@ -51,4 +52,8 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
 
 requires_breastmnist = pytest.mark.skipif(
     not BREASTMNIST.exists(), reason=f"real BreastMNIST not found at {BREASTMNIST} (../shared/data absent)"
+)
+
+requires_gwa = pytest.mark.skipif(
+    not GWA_DIR.is_dir(), reason=f"real GWA-T-12 traces not found at {GWA_DIR} (../shared/data absent)"
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import MetricRecord, RecordDict
 
 from fl_clients.devices import DeviceProfile, Fleet, ProfileError, check_memory, is_online, round_cost
 from fl_server.config import ConfigError, compose_config

@@ -4,7 +4,6 @@ TCN that beats seasonal-naive on the held-out tail of the real GWA-T-12 traces."
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +26,7 @@ from fl_clients.forecast_task import (
 from fl_clients.forecasters import TCN, LSTMForecaster, build_forecaster
 from fl_datasets.traces import Normaliser, load_trace_dir, time_split
 
-GWA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gwa-t-12-rnd" / "2013-8"
-requires_gwa = pytest.mark.skipif(
-    not GWA_DIR.is_dir(), reason=f"real GWA-T-12 traces not found at {GWA_DIR} (../shared/data absent)"
-)
+from .conftest import GWA_DIR, requires_gwa
 
 
 @pytest.fixture(autouse=True)

@@ -21,10 +21,7 @@ from fl_datasets.traces import (
     time_split,
 )
 
-GWA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gwa-t-12-rnd" / "2013-8"
-requires_gwa = pytest.mark.skipif(
-    not GWA_DIR.is_dir(), reason=f"real GWA-T-12 traces not found at {GWA_DIR} (../shared/data absent)"
-)
+from .conftest import GWA_DIR, requires_gwa
 HEADER = ";\t".join(COLUMNS)
 
 
