@@ -97,6 +97,20 @@ def test_a_device_too_small_for_model_and_batch_is_refused():
     check_memory(fleet(dev=profile()), "cnn", 10, batch_size=512)  # 4 GB is plenty
 
 
+def test_hook_flop_count_matches_torchs_flop_counter():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fl_clients.devices import model_costs
+    from fl_clients.models import build_model
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        build_model("cnn", 10)(torch.zeros(1, 1, 28, 28))
+    flops, params, _ = model_costs("cnn", 10)
+    assert flops == counter.get_total_flops()
+    assert params == 96_938
+
+
 def _reply(node: int, duration: float):
     message = train_reply(arrays([float(node)]), 10, node_id=node)
     return message, duration

@@ -139,3 +139,14 @@ def test_partial_participation_is_reproducible_whatever_the_node_ids(tracking_ur
     again = run_experiment(shifted, cfg, f"sqlite:///{tmp_path / 'b.db'}")
     assert first["test_accuracy"] == again["test_accuracy"]
     assert first["train_loss"] == again["train_loss"]
+
+
+def test_a_device_that_cannot_hold_model_and_batch_fails_the_run_with_its_reason(tracking_uri):
+    from fl_clients.devices import ProfileError
+
+    cfg = compose_config([*FAST, "devices.profiles.jetson-nano.memory_gb=0.001"])
+    with pytest.raises(ProfileError, match="profile 'jetson-nano' has 0.001 GB"):
+        run_experiment(FakeGrid(range(4), in_process_client()), cfg, tracking_uri)
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FAILED"
+    assert "lower train.batch_size or drop the profile" in run.data.tags["fc.failure_reason"]
