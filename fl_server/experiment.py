@@ -29,7 +29,7 @@ from fl_datasets.federated import DataSpec, build_image_data
 from fl_server import progress
 from fl_server.config import default_run_name, flatten
 from fl_clients.devices import Fleet, check_memory
-from fl_server.rounds import RoundDriver, discover_partitions
+from fl_server.rounds import RoundDriver
 from fl_server.tracking import RunTracker
 from fl_server.virtual_clock import VirtualClock
 from strategies import build_strategy
@@ -177,7 +177,7 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
         timeout_s=float(cfg.simulation.round_timeout_s),
         clock=VirtualClock(cfg.devices.deadline_s),
         fleet=FleetAvailability(fleet, devices, spec.seed) if cfg.devices.availability else None,
-        partition_of=discover_partitions(grid, spec.num_clients, float(cfg.simulation.round_timeout_s)),
+        num_nodes=spec.num_clients,
         min_train=int(cfg.clients.min_train),
     )
     final_arrays = driver.run(ArrayRecord(model.state_dict()), num_rounds=int(cfg.num_rounds))

@@ -165,9 +165,12 @@ class RoundDriver:
         Virtual timeline (deadline, stale updates). Default: synchronous.
     fleet : Availability, optional
         Device availability; with it only online, idle nodes are sampled.
-    partition_of : dict, optional
-        node id -> partition id (see :func:`discover_partitions`); required
-        with ``fleet``.
+    num_nodes : int, optional
+        Size of the federation. With it, the driver asks every node for its
+        partition (:func:`discover_partitions`) after the round-0 evaluation
+        and before round 1, so it can sample in partition order and look up
+        device availability. That query is what makes Ray start its workers:
+        placing it after round 0 lets the tracker's start-up overlap it.
     min_train : int
         A round needs this many samplable nodes; with fewer it is idle.
     """
@@ -183,7 +186,7 @@ class RoundDriver:
         evaluate_config: ConfigRecord | None = None,
         clock: VirtualClock | None = None,
         fleet: Availability | None = None,
-        partition_of: dict[int, int] | None = None,
+        num_nodes: int | None = None,
         min_train: int = 1,
     ) -> None:
         self.strategy = strategy
@@ -195,7 +198,8 @@ class RoundDriver:
         self.timeout_s = timeout_s
         self.clock = clock or VirtualClock()
         self.fleet = fleet
-        self.partition_of = partition_of or {}
+        self.num_nodes = num_nodes
+        self.partition_of: dict[int, int] = {}
         self.min_train = min_train
         self.energy_j = 0.0
 
@@ -203,6 +207,8 @@ class RoundDriver:
         """Run all rounds; returns the final global arrays."""
         arrays = initial_arrays
         self.on_round(0, self.evaluate_fn(0, arrays))
+        if self.num_nodes is not None:
+            self.partition_of = discover_partitions(self.grid, self.num_nodes, self.timeout_s)
         for server_round in range(1, num_rounds + 1):
             outcome = self.run_round(server_round, arrays)
             arrays = outcome.arrays
