@@ -28,7 +28,7 @@ from fl_clients.models import build_model
 from fl_datasets.federated import DataSpec, build_image_data
 from fl_server import progress
 from fl_server.config import default_run_name, flatten
-from fl_clients.devices import Fleet, check_memory
+from fl_clients.devices import Fleet, check_memory, is_online
 from fl_server.rounds import RoundDriver
 from fl_server.tracking import RunTracker
 from fl_server.virtual_clock import VirtualClock
@@ -221,8 +221,6 @@ class FleetAvailability:
         self.fleet, self.devices, self.seed = fleet, devices, seed
 
     def is_online(self, partition_id: int, virtual_time_s: float, server_round: int) -> bool:
-        from fl_clients.devices import is_online
-
         profile = self.fleet.profiles[self.devices[partition_id]]
         return is_online(profile, virtual_time_s, self.seed, partition_id, server_round)
 
