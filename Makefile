@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install sweep bench mlflow-ui clean
+.PHONY: run test install sweep bench deploy-local mlflow-ui clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ sweep: install
 
 bench: install
 	$(PY) -m scripts.bench_overhead
+
+# Flower's Deployment Engine on loopback: a SuperLink + N SuperNodes as separate
+# processes, TLS with certificates made at run time (--insecure to opt out), e.g.
+# make deploy-local ARGS="--supernodes 3 num_rounds=3 [--compare-simulation]"
+deploy-local: install
+	$(PY) -m scripts.deploy_local $(ARGS)
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db

@@ -182,34 +182,62 @@ def round_cost(
 
 @lru_cache(maxsize=8)
 def model_costs(model_name: str, num_classes: int, in_channels: int = 1, side: int = 28) -> tuple[float, int, int]:
+    """(forward FLOPs per sample, parameter count, activation floats per sample)
+    of an image classifier; see :func:`module_costs`."""
+    import torch
+
+    from fl_clients.models import build_model
+
+    return module_costs(build_model(model_name, num_classes, in_channels), torch.zeros(1, in_channels, side, side))
+
+
+@lru_cache(maxsize=8)
+def forecaster_costs(
+    name: str, in_channels: int, window: int, horizon: int, level_centred: bool
+) -> tuple[float, int, int]:
+    """(forward FLOPs per window, parameter count, activation floats per window)
+    of a workload forecaster; see :func:`module_costs`."""
+    import torch
+
+    from fl_clients.forecasters import build_forecaster
+
+    model = build_forecaster(name, in_channels, horizon, level_steps=window if level_centred else None)
+    return module_costs(model, torch.zeros(1, window, in_channels))
+
+
+def module_costs(model: Any, example: Any) -> tuple[float, int, int]:
     """(forward FLOPs per sample, parameter count, activation floats per sample).
 
     FLOPs are counted with forward hooks on the layers that carry them
-    (2 x multiply-accumulates of every Conv2d and Linear), which is what
-    torch's FlopCounterMode reports for these models (a test checks it).
+    (2 x multiply-accumulates of every Conv1d/Conv2d, Linear and LSTM), which
+    is what torch's FlopCounterMode reports for the CNN (a test checks it).
     FlopCounterMode itself costs ~1.5 s on first use, paid by every Ray
     worker; the hooks cost milliseconds.
     """
     import torch
     from torch import nn
 
-    from fl_clients.models import build_model
-
-    model = build_model(model_name, num_classes, in_channels)
     flops, activations = 0.0, 0
 
     def count(module: nn.Module, _inputs: Any, output: Any) -> None:
         nonlocal flops, activations
-        activations += output[0].numel()
-        if isinstance(module, nn.Conv2d):
-            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            flops += 2.0 * kernel * output[0].numel()
+        out = output[0] if isinstance(output, tuple) else output
+        activations += out[0].numel()
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            kernel = module.in_channels // module.groups * int(np.prod(module.kernel_size))
+            flops += 2.0 * kernel * out[0].numel()
         elif isinstance(module, nn.Linear):
-            flops += 2.0 * module.in_features * module.out_features
+            flops += 2.0 * module.in_features * module.out_features * (out[0].numel() // module.out_features)
+        elif isinstance(module, nn.LSTM):
+            steps = out.shape[1] if module.batch_first else out.shape[0]
+            for layer in range(module.num_layers):
+                inputs = module.input_size if layer == 0 else module.hidden_size
+                # 4 gates, each a matrix-vector product on [x_t, h_{t-1}]
+                flops += 2.0 * 4 * (inputs + module.hidden_size) * module.hidden_size * steps
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children()) or isinstance(m, nn.LSTM)]
     with torch.no_grad():
-        model(torch.zeros(1, in_channels, side, side))
+        model(example)
     for hook in hooks:
         hook.remove()
     return flops, sum(p.numel() for p in model.parameters()), activations
@@ -221,9 +249,13 @@ def training_memory_bytes(params: int, activations_per_sample: int, batch_size: 
     return 4 * (3 * params + 2 * activations_per_sample * batch_size)
 
 
-def check_memory(fleet: Fleet, model_name: str, num_classes: int, batch_size: int) -> None:
-    """Refuse a fleet whose devices cannot hold the model and a batch."""
-    _, params, activations = model_costs(model_name, num_classes)
+def check_memory(
+    fleet: Fleet, model_name: str, num_classes: int, batch_size: int,
+    costs: tuple[float, int, int] | None = None,
+) -> None:
+    """Refuse a fleet whose devices cannot hold the model and a batch
+    (``costs`` from :func:`forecaster_costs` for a forecaster)."""
+    _, params, activations = costs or model_costs(model_name, num_classes)
     need = training_memory_bytes(params, activations, batch_size)
     for name in fleet.mix:
         have = fleet.profiles[name].memory_gb * 1e9

@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
 
-STRATEGIES = ("fedavg", "fedavgm", "ass", "staleness_clustered")
-TASKS = ("mnist", "breastmnist")
+STRATEGIES = ("fedavg", "fedavgm", "ass", "staleness_clustered", "fedmedian", "fedtrimmedavg", "krum")
+TASKS = ("mnist", "breastmnist", "workload", "bitbrains", "ppo", "qmix")
+FORECASTERS = ("tcn", "lstm")
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -128,14 +129,29 @@ def finalize_config(cfg: DictConfig, project_dir: str | Path | None = None) -> D
 
 
 def _resolve_paths(cfg: DictConfig, project_dir: Path) -> DictConfig:
-    path = cfg.task.get("path")
-    if path:
-        resolved = Path(str(path)).expanduser()
-        if not resolved.is_absolute():
-            resolved = (project_dir / resolved).resolve()
+    for key in ("path", "trace_dir"):  # data files (image npz) and trace folders
+        path = cfg.task.get(key)
+        if path:
+            resolved = Path(str(path)).expanduser()
+            if not resolved.is_absolute():
+                resolved = (project_dir / resolved).resolve()
+            with _writable(cfg):
+                cfg.task[key] = str(resolved)
+    checkpoints = Path(str(cfg.checkpoint.dir)).expanduser()
+    if not checkpoints.is_absolute():
         with _writable(cfg):
-            cfg.task.path = str(resolved)
+            cfg.checkpoint.dir = str((project_dir / checkpoints).resolve())
     return cfg
+
+
+def is_forecast(cfg: DictConfig) -> bool:
+    """Whether the task is workload forecasting (else image classification)."""
+    return cfg.task.get("kind", "image") == "forecast"
+
+
+def is_rl(cfg: DictConfig) -> bool:
+    """Whether the task trains RL agents in the digital twin (PPO / QMIX)."""
+    return cfg.task.get("kind", "image") == "rl"
 
 
 class _writable:
@@ -266,6 +282,17 @@ def validate_config(cfg: DictConfig) -> None:
             f"task.path={path} does not exist: point task.path at a MedMNIST .npz "
             "(e.g. task.path=../shared/data/medmnist/breastmnist.npz)",
         )
+    if is_forecast(cfg):
+        _validate_forecast(cfg)
+    if is_rl(cfg):
+        _validate_rl(cfg)
+    _require(cfg.checkpoint.resume is None or isinstance(cfg.checkpoint.resume, str),
+             f"checkpoint.resume={cfg.checkpoint.resume} is invalid: give the MLflow run id of the "
+             "interrupted run (quoted if it looks like a number), or null")
+    _validate_privacy(cfg)
+    _validate_compression(cfg)
+    _validate_robust(cfg)
+    _validate_fault_handling(cfg)
     _require(
         isinstance(cfg.simulation.cpus_per_client, int) and cfg.simulation.cpus_per_client >= 1,
         f"simulation.cpus_per_client={cfg.simulation.cpus_per_client} is invalid: Flower takes "
@@ -304,6 +331,262 @@ def _validate_staleness_clustered(cfg: DictConfig) -> None:
              f"strategy.max_staleness={sc.max_staleness} is invalid: use an integer >= 0")
 
 
+def _validate_forecast(cfg: DictConfig) -> None:
+    task = cfg.task
+    _require(cfg.strategy.name != "ass",
+             "strategy=ass weighs clients by per-class accuracy, which a forecasting task does not "
+             "have: use fedavg, fedavgm or staleness_clustered with task=" + str(task.name))
+    for key in ("window", "horizon", "season", "train_stride"):
+        _require(isinstance(task[key], int) and task[key] >= 1,
+                 f"task.{key}={task[key]} is invalid: use a whole number of steps >= 1")
+    _require(task.season <= task.window,
+             f"task.season={task.season} is longer than task.window={task.window}: the seasonal-naive "
+             "baseline needs one full season inside the window; raise task.window or lower task.season")
+    _require(task.model in FORECASTERS,
+             f"task.model={task.model} is unknown: choose one of {', '.join(FORECASTERS)}")
+    _require(_is_number(task.optimizer.lr) and task.optimizer.lr > 0,
+             f"task.optimizer.lr={task.optimizer.lr} is invalid: the learning rate must be > 0")
+    _require(isinstance(task.optimizer.batch_size, int) and task.optimizer.batch_size >= 1,
+             f"task.optimizer.batch_size={task.optimizer.batch_size} is invalid: use an integer >= 1")
+    _require(task.site_selection in ("busiest", "first"),
+             f"task.site_selection={task.site_selection} is unknown: use busiest or first")
+    trace_dir = task.get("trace_dir")
+    if trace_dir is not None:
+        _require(Path(trace_dir).is_dir(),
+                 f"task.trace_dir={trace_dir} does not exist: point it at a GWA-T-12 month folder "
+                 "(e.g. task.trace_dir=../shared/data/gwa-t-12-rnd/2013-8), or use task=workload "
+                 "for synthetic series")
+        _require(any(Path(trace_dir).glob("*.csv")),
+                 f"task.trace_dir={trace_dir} holds no *.csv traces: point it at a GWA-T-12 month "
+                 "folder with <vm>.csv files")
+
+
+CENTRAL_DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedavgm", "ass")  # one model per round, which the wrappers noise
+SECAGG_STRATEGIES = ("fedavg", "fedavgm")            # need only the weighted average of updates
+
+
+def _validate_privacy(cfg: DictConfig) -> None:
+    """DP-SGD, central DP and SecAgg+ settings (conf/privacy/)."""
+    if "privacy" not in cfg:
+        return
+    _validate_dpsgd(cfg, cfg.privacy.dpsgd)
+    _validate_central_dp(cfg, cfg.privacy.central)
+    _validate_secagg(cfg, cfg.privacy.secagg)
+    p = cfg.privacy
+    _require(not is_forecast(cfg) or not (p.dpsgd.enabled or p.central.mode != "none" or p.secagg.enabled),
+             f"privacy={p.name} is wired into the image tasks only, not task={cfg.task.name}: "
+             "use privacy=none (fl_clients.privacy.train_private is ready for the forecasting client)")
+
+
+def _validate_dpsgd(cfg: DictConfig, dp: DictConfig) -> None:
+    _require(_is_number(dp.noise_multiplier) and dp.noise_multiplier >= 0,
+             f"privacy.dpsgd.noise_multiplier={dp.noise_multiplier} is invalid: the noise multiplier "
+             "must be >= 0, e.g. privacy.dpsgd.noise_multiplier=1.0")
+    _require(_is_number(dp.max_grad_norm) and dp.max_grad_norm > 0,
+             f"privacy.dpsgd.max_grad_norm={dp.max_grad_norm} is invalid: the per-sample clipping "
+             "norm must be > 0, e.g. privacy.dpsgd.max_grad_norm=1.0")
+    _require(_is_number(dp.delta) and 0 < dp.delta < 1,
+             f"privacy.dpsgd.delta={dp.delta} is invalid: delta must lie in (0, 1), "
+             "below 1/(samples per client), e.g. privacy.dpsgd.delta=1e-5")
+    for key in ("epsilon_budget", "target_epsilon"):
+        value = dp[key]
+        _require(value is None or (_is_number(value) and value > 0),
+                 f"privacy.dpsgd.{key}={value} is invalid: an epsilon must be > 0 (or null for none), "
+                 f"e.g. privacy.dpsgd.{key}=3")
+    for partition, value in (dp.client_budgets or {}).items():
+        _require(isinstance(partition, int) and 0 <= partition < cfg.clients.num,
+                 f"privacy.dpsgd.client_budgets has key {partition!r}: use partition ids in "
+                 f"[0, clients.num={cfg.clients.num}), e.g. privacy.dpsgd.client_budgets={{0:2.0}}")
+        _require(_is_number(value) and value > 0,
+                 f"privacy.dpsgd.client_budgets[{partition}]={value} is invalid: an epsilon budget "
+                 "must be > 0")
+    if not dp.enabled:
+        return
+    finite_cap = dp.epsilon_budget is not None or bool(dp.client_budgets)
+    _require(dp.target_epsilon is not None or dp.noise_multiplier > 0 or not finite_cap,
+             "privacy.dpsgd.noise_multiplier=0 with an epsilon budget: without noise epsilon is "
+             "infinite and every client would decline; set a noise multiplier > 0 or target_epsilon")
+
+
+def _validate_central_dp(cfg: DictConfig, central: DictConfig) -> None:
+    _require(central.mode in CENTRAL_DP_MODES,
+             f"privacy.central.mode={central.mode} is unknown: choose one of {', '.join(CENTRAL_DP_MODES)}")
+    _require(_is_number(central.noise_multiplier) and central.noise_multiplier >= 0,
+             f"privacy.central.noise_multiplier={central.noise_multiplier} is invalid: the noise "
+             "multiplier must be >= 0, e.g. privacy.central.noise_multiplier=0.1")
+    _require(_is_number(central.clipping_norm) and central.clipping_norm > 0,
+             f"privacy.central.clipping_norm={central.clipping_norm} is invalid: the clipping norm "
+             "must be > 0, e.g. privacy.central.clipping_norm=1.0")
+    _require(_is_number(central.target_clipped_quantile) and 0 <= central.target_clipped_quantile <= 1,
+             f"privacy.central.target_clipped_quantile={central.target_clipped_quantile} is invalid: "
+             "use a value in [0, 1]")
+    _require(_is_number(central.clip_norm_lr) and central.clip_norm_lr > 0,
+             f"privacy.central.clip_norm_lr={central.clip_norm_lr} is invalid: it must be > 0")
+    stddev = central.clipped_count_stddev
+    _require(stddev is None or (_is_number(stddev) and stddev >= 0),
+             f"privacy.central.clipped_count_stddev={stddev} is invalid: use a value >= 0 or null")
+    if central.mode == "none":
+        return
+    _require(cfg.strategy.name in CENTRAL_DP_STRATEGIES,
+             f"privacy.central.mode={central.mode} does not compose with strategy={cfg.strategy.name}: "
+             "Flower's DP wrappers clip against the one model sent this round and noise one aggregate, "
+             f"while it keeps several models and applies stale updates; use {', '.join(CENTRAL_DP_STRATEGIES)}")
+    _require(not (central.mode.startswith("client") and cfg.compression.enabled),
+             f"privacy.central.mode={central.mode} does not compose with compression={cfg.compression.name}: "
+             "Flower's clipping mods clip the reply's ArrayRecord against the model received and need "
+             "the same keys, which a compressed update does not have; use privacy.central.mode=server-fixed "
+             "or server-adaptive (the server clips the decoded update)")
+
+
+def _validate_secagg(cfg: DictConfig, secagg: DictConfig) -> None:
+    if not secagg.enabled:
+        return
+    _require(cfg.strategy.name in SECAGG_STRATEGIES,
+             f"privacy.secagg.enabled=true does not compose with strategy={cfg.strategy.name}: the server "
+             "only sees the sum of masked updates, and it needs each client's update; use "
+             + " or ".join(SECAGG_STRATEGIES))
+    _require(not cfg.privacy.central.mode.startswith("server"),
+             f"privacy.secagg.enabled=true does not compose with privacy.central.mode={cfg.privacy.central.mode}: "
+             "server-side clipping needs each client's update; use client-fixed or client-adaptive")
+    _require(not cfg.compression.enabled,
+             f"privacy.secagg.enabled=true does not compose with compression={cfg.compression.name}: "
+             "SecAgg+ masks every entry, so a sparse update is sent dense; use compression=none")
+    _require(cfg.devices.deadline_s is None,
+             f"privacy.secagg.enabled=true needs synchronous rounds, not devices.deadline_s="
+             f"{cfg.devices.deadline_s}: a late update cannot join a later round's masked sum")
+    _require(cfg.clients.min_train >= 2,
+             f"privacy.secagg.enabled=true needs clients.min_train >= 2 (got {cfg.clients.min_train}): "
+             "SecAgg+ hides one update among at least two")
+    shares, threshold = secagg.num_shares, secagg.reconstruction_threshold
+    _require((isinstance(shares, int) and (shares == 1 or shares > 2)) or (isinstance(shares, float) and 0 < shares <= 1),
+             f"privacy.secagg.num_shares={shares} is invalid: use a fraction of the sampled clients in "
+             "(0, 1] or an integer > 2")
+    _require((isinstance(threshold, int) and threshold >= 1) or (isinstance(threshold, float) and 0 < threshold <= 1),
+             f"privacy.secagg.reconstruction_threshold={threshold} is invalid: use a fraction of "
+             "num_shares in (0, 1] or an integer >= 1")
+    _require(_is_number(secagg.clipping_range) and secagg.clipping_range > 0,
+             f"privacy.secagg.clipping_range={secagg.clipping_range} is invalid: it must be > 0")
+    quant, modulus = secagg.quantization_range, secagg.modulus_range
+    _require(isinstance(quant, int) and quant > 0,
+             f"privacy.secagg.quantization_range={quant} is invalid: use an integer > 0, e.g. 4194304")
+    _require(isinstance(modulus, int) and modulus > quant and bin(modulus).count("1") == 1 and modulus <= 2**32,
+             f"privacy.secagg.modulus_range={modulus} is invalid: use a power of 2 above "
+             f"quantization_range={quant} and at most 2**32, e.g. 4294967296")
+
+
+def _validate_rl(cfg: DictConfig) -> None:
+    """PPO / QMIX agents in the twin (conf/task/ppo.yaml, qmix.yaml)."""
+    from fl_clients.rl.spec import FAULT_SCENARIOS
+
+    task = cfg.task
+    _require(cfg.strategy.name not in ("ass", "krum"),
+             f"strategy={cfg.strategy.name} does not fit task={task.name}: ass needs per-class accuracy and "
+             "krum a Byzantine model; use fedavgm (paper 001), fedavg or staleness_clustered")
+    _require(task.algo in ("ppo", "qmix"), f"task.algo={task.algo} is unknown: use ppo or qmix")
+    _require(task.get("mixer", "qmix") in ("qmix", "vdn"), f"task.mixer={task.get('mixer')} is unknown: use qmix or vdn")
+    _require(task.faults == "default" or task.faults in FAULT_SCENARIOS,
+             f"task.faults={task.faults} is unknown: use default or one of {', '.join(FAULT_SCENARIOS)}")
+    _require(task.background in ("heuristic", "hold"),
+             f"task.background={task.background} is unknown: use heuristic or hold")
+    for key in ("steps_per_round", "hidden"):
+        _require(isinstance(task[key], int) and task[key] >= 1,
+                 f"task.{key}={task[key]} is invalid: use an integer >= 1")
+    _require(_is_number(task.episode_s) and task.episode_s >= 10,
+             f"task.episode_s={task.episode_s} is invalid: use at least 10 simulated seconds")
+    _require(len(task.eval_seeds) >= 1, "task.eval_seeds is empty: give at least one held-out twin seed")
+    if "privacy" in cfg:
+        p = cfg.privacy
+        _require(not (p.dpsgd.enabled or p.central.mode != "none" or p.secagg.enabled),
+                 f"privacy={p.name} is wired into the image tasks only, not task={task.name}: use privacy=none")
+    _require(not cfg.compression.enabled if "compression" in cfg else True,
+             f"compression is wired into the image tasks only, not task={task.name}: use compression=none")
+    from edgesim import EdgeSimError
+    from fl_clients.rl.spec import RLSpec, build_scenario
+
+    try:
+        scenario = build_scenario(RLSpec.from_config(cfg))
+    except EdgeSimError as err:
+        raise ConfigError(f"task.scenario={task.scenario} with task.episode_s={task.episode_s}: {err}") from None
+    units = scenario.num_nodes if task.algo == "ppo" else len(scenario.clusters)
+    what = "edge nodes (one site per client)" if task.algo == "ppo" else "edge clusters (one cluster per client)"
+    _require(cfg.clients.num <= units,
+             f"clients.num={cfg.clients.num} is too many for task={task.name}: twin {task.scenario} has {units} {what}")
+
+
+def _validate_compression(cfg: DictConfig) -> None:
+    """Top-k / quantisation settings (conf/compression/)."""
+    if "compression" not in cfg:
+        return
+    c = cfg.compression
+    _require(_is_number(c.k) and 0 < c.k <= 1,
+             f"compression.k={c.k} is invalid: the top-k fraction must lie in (0, 1] "
+             "(0.1 keeps 10 % of each tensor's entries, 1 keeps all), e.g. compression.k=0.1")
+    bits = c.quantise_bits
+    _require(bits is None or (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 8),
+             f"compression.quantise_bits={bits} is invalid: use an integer in 1..8 (uint8 codes), "
+             "or null for float32 values")
+    for key in ("enabled", "error_feedback", "downlink"):
+        _require(isinstance(c[key], bool), f"compression.{key}={c[key]} is invalid: use true or false")
+    _require(not (c.enabled and is_forecast(cfg)),
+             f"compression={c.name} is wired into the image tasks only, not task={cfg.task.name}: "
+             "use compression=none")
+
+
+def _validate_robust(cfg: DictConfig) -> None:
+    """Flower's robust aggregators (conf/strategy/{fedmedian,fedtrimmedavg,krum}.yaml)."""
+    st, n = cfg.strategy, cfg.clients.num
+    if st.name == "fedtrimmedavg":
+        _require(_is_number(st.beta) and 0 <= st.beta < 0.5,
+                 f"strategy.beta={st.beta} is invalid: the fraction trimmed from each end must lie "
+                 "in [0, 0.5), e.g. strategy.beta=0.2")
+    if st.name == "krum":
+        f = st.num_malicious_nodes
+        _require(isinstance(f, int) and f >= 0 and n >= 2 * f + 3,
+                 f"strategy.num_malicious_nodes={f} is invalid: Krum tolerates f malicious of n clients "
+                 f"only for n >= 2f + 3 (clients.num={n} allows f <= {max((n - 3) // 2, 0)})")
+        m = st.num_nodes_to_select
+        _require(isinstance(m, int) and 1 <= m <= n - (f if isinstance(f, int) else 0),
+                 f"strategy.num_nodes_to_select={m} is invalid: use an integer in [1, clients.num - "
+                 f"num_malicious_nodes] (1 = Krum, more = Multi-Krum averaging the best m)")
+
+
+def _validate_fault_handling(cfg: DictConfig) -> None:
+    """``clients.min_replies`` / ``round_retries`` and the ``faults`` injection plan."""
+    c = cfg.clients
+    min_replies = c.get("min_replies")
+    _require(min_replies is None or (isinstance(min_replies, int) and 1 <= min_replies <= c.min_train),
+             f"clients.min_replies={min_replies} is invalid: use an integer in [1, clients.min_train="
+             f"{c.min_train}] (a round samples at least min_train clients; raise min_train first), or null")
+    retries = c.get("round_retries", 0)
+    _require(isinstance(retries, int) and 0 <= retries <= 10,
+             f"clients.round_retries={retries} is invalid: use an integer in [0, 10]")
+    if "faults" not in cfg:
+        return
+    from fl_clients.faults import FAULT_KINDS
+
+    unknown = sorted(set(cfg.faults.fraction) - set(FAULT_KINDS))
+    _require(not unknown, f"faults.fraction.{unknown[0] if unknown else ''} is unknown: the kinds are "
+             f"{', '.join(FAULT_KINDS)}")
+    per_round = []
+    for kind in FAULT_KINDS:
+        value = cfg.faults.fraction.get(kind, 0.0)
+        values = [value] if _is_number(value) else list(value) if OmegaConf.is_list(value) else [value]
+        _require(values and all(_is_number(v) and 0 <= v <= 1 for v in values),
+                 f"faults.fraction.{kind}={value} is invalid: use a fraction in [0, 1] or a list of "
+                 f"them (one per round), e.g. faults.fraction.{kind}=0.2")
+        per_round.append(values)
+    rounds = max(len(v) for v in per_round)
+    worst = max(sum(v[min(r, len(v) - 1)] for v in per_round) for r in range(rounds))
+    _require(worst <= 1 + 1e-9,
+             f"faults.fraction adds up to {worst:g} in some round: the kinds take disjoint shares of "
+             "the clients, so their sum must be <= 1")
+    _require(_is_number(cfg.faults.hang_s) and cfg.faults.hang_s >= 0,
+             f"faults.hang_s={cfg.faults.hang_s} is invalid: use seconds >= 0")
+    _require(_is_number(cfg.faults.scale_factor),
+             f"faults.scale_factor={cfg.faults.scale_factor} is invalid: use a number, e.g. -5")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -327,6 +610,12 @@ def default_run_name(cfg: DictConfig) -> str:
     """A short, human-readable run name for MLflow and the progress display."""
     if cfg.tracking.run_name:
         return str(cfg.tracking.run_name)
+    if is_forecast(cfg):
+        return f"{cfg.task.name}-{cfg.task.model}-{cfg.strategy.name}-n{cfg.clients.num}-s{cfg.seed}"
+    if is_rl(cfg):
+        from fl_server.rl_experiment import rl_arm
+
+        return f"{cfg.task.name}-{rl_arm(cfg)}-{cfg.strategy.name}-n{cfg.clients.num}-s{cfg.seed}"
     part = cfg.partition.name
     if part == "dirichlet":
         part += f"{cfg.partition.alpha:g}"

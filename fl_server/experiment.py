@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from fl_clients.image_task import evaluate, per_class_accuracy, predict
 from fl_clients.models import build_model
 from fl_datasets.federated import DataSpec, build_image_data
-from fl_server import progress
-from fl_server.config import default_run_name, flatten
+from fl_server import fault_handling, progress, protection
+from fl_server.config import default_run_name, flatten, is_forecast, is_rl
 from fl_clients.devices import Fleet, check_memory, is_online
+from fl_server.checkpoint import RunCheckpoints
 from fl_server.rounds import RoundDriver
 from fl_server.tracking import RunTracker
 from fl_server.virtual_clock import VirtualClock
@@ -55,6 +56,18 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
+def _tags(cfg: DictConfig) -> dict[str, str]:
+    if is_forecast(cfg):
+        from fl_server.forecast_experiment import forecast_tags
+
+        return forecast_tags(cfg)
+    if is_rl(cfg):
+        from fl_server.rl_experiment import rl_tags
+
+        return rl_tags(cfg)
+    return run_tags(cfg)
+
+
 def train_config(cfg: DictConfig, spec: DataSpec) -> ConfigRecord:
     """The ConfigRecord every client receives (the clients' whole config)."""
     return ConfigRecord(
@@ -67,6 +80,9 @@ def train_config(cfg: DictConfig, spec: DataSpec) -> ConfigRecord:
             "lr": float(cfg.train.lr),
             "momentum": float(cfg.train.momentum),
             "seed": int(cfg.seed),
+            # DP-SGD, client-side central DP, compression: no keys by default
+            **protection.client_config(cfg),
+            **fault_handling.client_config(cfg),  # injected faults (tests, studies): none by default
         }
     )
 
@@ -112,19 +128,29 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
         progress.emit("start", run_name=run_name, mlflow_run_id=run_id,
                       experiment_id=experiment_id, num_rounds=int(cfg.num_rounds))
 
+    checkpoints = RunCheckpoints(cfg)  # raises CheckpointError for a bad checkpoint.resume
     tracker = RunTracker(
         tracking_uri,
         experiment=str(cfg.tracking.experiment),
         run_name=run_name,
-        tags=run_tags(cfg),
+        tags=_tags(cfg),
         parent_run_id=parent_run_id,
         on_created=announce,
         # MLflow's set-up waits until round 1 is dispatched: before that it
         # would compete with the server's start-up for this process's GIL.
         deferred=True,
+        resume_run_id=checkpoints.resume_run_id,
     )
     try:
-        return _run_tracked(grid, cfg, tracker, run_name)
+        if is_forecast(cfg):
+            from fl_server.forecast_experiment import run_forecast_tracked
+
+            return run_forecast_tracked(grid, cfg, tracker, run_name, checkpoints)
+        if is_rl(cfg):
+            from fl_server.rl_experiment import run_rl_tracked
+
+            return run_rl_tracked(grid, cfg, tracker, run_name, checkpoints)
+        return _run_tracked(grid, cfg, tracker, run_name, checkpoints)
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"
         progress.emit("failed", reason=reason)
@@ -133,44 +159,75 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
         raise
 
 
-def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str) -> dict[str, float]:
-    started = time.perf_counter()
-    # Flower's strategies sample clients with the stdlib's global `random`.
+def start_tracking(cfg: DictConfig, tracker: RunTracker, checkpoints: RunCheckpoints) -> list[dict[str, Any]]:
+    """Params (new run) or the resumed run's missing rounds; returns the history so far."""
+    # Flower's strategies sample clients with the stdlib's global `random`
+    # (a resumed run restores the saved state before its first round).
     random.seed(int(cfg.seed))
-    tracker.log_params(flatten(cfg))
+    history = checkpoints.history()
+    if checkpoints.resumed:
+        tracker.set_tags({"fc.resumed_after_round": str(checkpoints.resumed.server_round)})
+        tracker.log_missing_rounds(history)
+    else:
+        tracker.log_params(flatten(cfg))
     tracker.warm_up("matplotlib.pyplot")  # for the final plot, while clients train
+    return history
+
+
+def checkpoint_then_log(
+    tracker: RunTracker, checkpoints: RunCheckpoints, driver: RoundDriver, history: list[dict[str, Any]],
+    server_round: int, metrics: dict[str, float],
+) -> None:
+    """Record a completed round: history, checkpoint, then MLflow. A server
+    that dies between the two logs the round when it resumes; one that dies
+    before the checkpoint re-runs the round: no round is lost or logged twice."""
+    history.append({"round": server_round, **metrics})
+    if server_round > 0:
+        checkpoints.save(tracker.run_id, server_round, driver, driver.strategy, history)
+    tracker.log_metrics(metrics, step=server_round)
+    tracker.start_writing()  # round 1 is dispatched next: the server idles
+
+
+def _run_tracked(
+    grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints
+) -> dict[str, float]:
+    started = time.perf_counter()
+    history = start_tracking(cfg, tracker, checkpoints)
     spec = DataSpec.from_config(cfg)
     data = build_image_data(spec)
-    tracker.log_text(_class_counts_csv(data.class_counts()), "data/client_class_counts.csv")
-    tracker.log_metrics(
-        {
-            "data_train_samples": float(sum(data.client_sizes())),
-            "data_realised_rho": _realised_rho(data.class_counts().sum(axis=0)),
-        },
-        step=0,
-    )
+    if not checkpoints.resumed:
+        tracker.log_text(_class_counts_csv(data.class_counts()), "data/client_class_counts.csv")
+        tracker.log_metrics(
+            {
+                "data_train_samples": float(sum(data.client_sizes())),
+                "data_realised_rho": _realised_rho(data.class_counts().sum(axis=0)),
+            },
+            step=0,
+        )
 
     model = build_model(str(cfg.task.model), spec.num_classes, seed=int(cfg.seed))
-    history: list[dict[str, Any]] = []
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
         return {f"test_{k}": v for k, v in evaluate(model, data.test, spec.num_classes).items()}
 
+    wire = protection.accounting_grid(grid, cfg)  # bytes per round; compression if configured
+
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "elapsed_wall_time_s": time.perf_counter() - started}
-        tracker.log_metrics(metrics, step=server_round)
-        tracker.start_writing()  # round 1 is dispatched next: the server idles
-        history.append({"round": server_round, **metrics})
+        if server_round > 0:
+            metrics.update(wire.take_round_counts())
+        checkpoint_then_log(tracker, checkpoints, driver, history, server_round, metrics)
         progress.emit("round", round=server_round, **{k: metrics[k] for k in metrics if k in _SHOWN})
 
     fleet, devices = _fleet(cfg, spec)
     tracker.log_text(
         "client,device\n" + "".join(f"{i},{d}\n" for i, d in enumerate(devices)), "data/client_devices.csv"
     )
-    driver = RoundDriver(
-        strategy=build_strategy(cfg, _public_scorer(cfg, spec, data)),
-        grid=grid,
+    driver_cls, driver_extra = protection.round_driver(cfg, data.client_sizes())  # SecAgg+ or plain
+    driver = driver_cls(
+        strategy=protection.protect_strategy(build_strategy(cfg, _public_scorer(cfg, spec, data)), cfg),
+        grid=wire,
         train_config=train_config(cfg, spec),
         evaluate_fn=evaluate_global,
         on_round=on_round,
@@ -179,8 +236,15 @@ def _run_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str
         fleet=FleetAvailability(fleet, devices, spec.seed) if cfg.devices.availability else None,
         num_nodes=spec.num_clients,
         min_train=int(cfg.clients.min_train),
+        **fault_handling.driver_settings(cfg, tracker),  # min_replies, retries, failure log
+        **driver_extra,
     )
-    final_arrays = driver.run(ArrayRecord(model.state_dict()), num_rounds=int(cfg.num_rounds))
+    final_arrays = driver.run(
+        checkpoints.initial_arrays(ArrayRecord(model.state_dict())),
+        num_rounds=int(cfg.num_rounds),
+        start_round=checkpoints.start_round,
+        on_ready=checkpoints.on_ready(driver.strategy),
+    )
 
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
     tracker.log_figure(lambda: _accuracy_plot(history, run_name), "plots/accuracy_vs_round.png")

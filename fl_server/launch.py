@@ -47,7 +47,7 @@ from fl_server.superlink import CONNECTION, LocalSuperLink, SuperLinkError
 LOG_DIR = PROJECT_DIR / "outputs" / "launch"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 # What the Flower app consists of; nothing else goes into its FAB.
-APP_PARTS = ("fl_server", "fl_clients", "fl_datasets", "strategies", "conf")
+APP_PARTS = ("fl_server", "fl_clients", "fl_datasets", "strategies", "conf", "edgesim")  # edgesim: the RL tasks' twin
 APP_FILES = ("pyproject.toml", "README.md")
 
 
@@ -76,6 +76,17 @@ def preflight(cfg: DictConfig, cache_dir: Path | None = None) -> None:
 
     if cache_dir is not None:
         os.environ[CACHE_ENV] = str(cache_dir)
+    if cfg.checkpoint.resume:
+        from fl_server.checkpoint import RunCheckpoints
+
+        RunCheckpoints(cfg)  # CheckpointError: unknown run, corrupt file, changed config
+    if cfg.task.get("kind", "image") == "forecast":
+        from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
+
+        build_forecast_data(ForecastSpec.from_config(cfg))  # also caches parsed traces
+        return
+    if cfg.task.get("kind", "image") == "rl":  # the twin scenario was built by validate_config
+        return
     build_image_data(DataSpec.from_config(cfg))
     # The devices' memory check needs torch (~2 s to import here); the
     # ServerApp makes it before round 1 and fails the run with its message.
@@ -149,8 +160,8 @@ def run_job(
         str(stage_app(superlink.home / "app")),
         CONNECTION,
         "--stream",
-        "--federation-config",
-        federation_config(cfg),
+        # simulation settings; a Deployment Engine federation is its SuperNodes
+        *(["--federation-config", federation_config(cfg)] if superlink.simulation else []),
         *run_config(overrides, tracking_uri, parent_run_id),
     )
     started = time.perf_counter()
@@ -204,15 +215,22 @@ def _follow(line: str, outcome: JobOutcome, bar: Progress, task: Any) -> None:
         outcome.rounds.append(event)
         if event["round"] > 0:
             bar.update(task, completed=event["round"])
-        bar.update(
-            task,
-            status=f"acc {event.get('test_accuracy', float('nan')):.3f}  "
-            f"macro-F1 {event.get('test_macro_f1', float('nan')):.3f}",
-        )
+        bar.update(task, status=_headline(event))
     elif kind == "finished":
         outcome.final = {k: v for k, v in event.items() if k != "mlflow_run_id"}
     elif kind == "failed":
         outcome.reason = event.get("reason", "")
+
+
+def _headline(event: dict[str, Any]) -> str:
+    if "eval_return" in event:  # RL agents in the twin
+        return f"return {event['eval_return']:.2f}  SLO viol. {event.get('eval_slo_violation_rate', float('nan')):.3f}"
+    if "test_mase" in event:  # forecasting
+        return f"MASE {event['test_mase']:.3f}  MAE {event.get('test_mae', float('nan')):.3f}"
+    return (
+        f"acc {event.get('test_accuracy', float('nan')):.3f}  "
+        f"macro-F1 {event.get('test_macro_f1', float('nan')):.3f}"
+    )
 
 
 def _settle(outcome: JobOutcome, superlink: LocalSuperLink, tracking_uri: str, returncode: int) -> None:
@@ -246,24 +264,47 @@ def _tail(path: Path | None, lines: int = 15) -> str:
 def summary_table(outcomes: list[JobOutcome], tracking_uri: str | None = None) -> Table:
     """One row per run: the headline metrics people compare."""
     table = Table(title="fedcontinuum runs", title_justify="left")
-    for column in ("run", "status", "accuracy", "macro-F1", "weakest recall", "wall s", "MLflow run"):
+    forecasting = any("test_mase" in o.final for o in outcomes)
+    headline = _FORECAST_COLUMNS if forecasting else _IMAGE_COLUMNS
+    if any("eval_return" in o.final for o in outcomes):  # RL agents in the twin
+        headline = _RL_COLUMNS
+    for column in ("run", "status", *headline.keys(), "wall s", "MLflow run"):
         table.add_column(column, justify="right" if column not in ("run", "status", "MLflow run") else "left")
     for o in outcomes:
         f = o.final
         table.add_row(
             o.run_name,
             "[green]ok[/green]" if o.ok else f"[red]{o.status}[/red]",
-            _fmt(f.get("test_accuracy")),
-            _fmt(f.get("test_macro_f1")),
-            _fmt(f.get("test_weakest_class_recall")),
+            *(_fmt(f.get(key)) for key in headline.values()),
             f"{o.wall_time_s:.1f}",
             (o.mlflow_run_id or "-")[:12],
         )
     return table
 
 
+_RL_COLUMNS = {"return": "eval_return", "SLO viol.": "eval_slo_violation_rate", "p95 ms": "eval_p95_ms",
+               "J/req": "eval_energy_j_per_request"}
+_IMAGE_COLUMNS = {"accuracy": "test_accuracy", "macro-F1": "test_macro_f1", "weakest recall": "test_weakest_class_recall"}
+_FORECAST_COLUMNS = {
+    "MASE": "test_mase", "MAE": "test_mae", "sMAPE %": "test_smape",
+    "s-naive MASE": "baseline_seasonal_naive_test_mase",
+}
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def resume_hint(cfg: DictConfig, overrides: list[str], outcome: JobOutcome) -> str | None:
+    """How to continue a failed run from its last checkpoint, if it has one."""
+    if not outcome.mlflow_run_id:
+        return None
+    path = Path(cfg.checkpoint.dir) / outcome.mlflow_run_id / "latest.pkl"
+    if not path.is_file():
+        return None
+    kept = [o for o in overrides if not o.startswith("checkpoint.resume=")]
+    return ("resume from its last completed round with:\n  python -m fl_server.launch "
+            + " ".join([*kept, f"checkpoint.resume={outcome.mlflow_run_id}"]))
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:
@@ -309,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]run failed[/bold red] ({outcome.status}); last log lines:")
         console.print(outcome.reason, markup=False, highlight=False)
         console.print(f"full log: {outcome.log_path}")
+        hint = resume_hint(cfg, args.overrides, outcome)
+        if hint:
+            console.print(hint, markup=False, highlight=False)
         return 1
     console.print(f"MLflow: {mlflow_ui_hint(tracking_uri)}")
     return 0

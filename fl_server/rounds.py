@@ -20,10 +20,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_server.reply_checks import ClientFailure, failure_counts, screen_replies
 from fl_server.virtual_clock import VirtualClock
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
 RoundCallback = Callable[[int, dict[str, float]], None]
+FailuresCallback = Callable[[int, list[ClientFailure]], None]
+# Nodes that dropped out may reconnect: wait this long before retrying a
+# round that had too few connected nodes to sample.
+RECONNECT_WAIT_S = 5.0
 
 
 @dataclass
@@ -32,16 +37,32 @@ class RoundResult:
 
     arrays: ArrayRecord
     metrics: dict[str, float]
-    failures: list[str] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)
 
 
-def _count_replies(sent: list[Message], replies: list[Message]) -> tuple[int, list[str]]:
-    """Replies with content, and one reason per failed or missing reply."""
-    ok = [r for r in replies if not r.has_error()]
-    reasons = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-    missing = len(sent) - len(replies)
-    reasons += ["no reply before the round timeout"] * max(missing, 0)
-    return len(ok), reasons
+class RoundFailedError(RuntimeError):
+    """A round stayed short of ``min_replies`` usable updates after its retries."""
+
+    def __init__(self, message: str, failures: list[ClientFailure]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+@dataclass
+class _TrainPhase:
+    """The training exchange of one round (its last attempt), screened."""
+
+    candidates: list[int]
+    sent: list[Message] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)
+    accepted: list[Message] = field(default_factory=list)  # usable (or declined) replies
+    errors: list[Message] = field(default_factory=list)  # Flower error replies
+    failures: list[ClientFailure] = field(default_factory=list)  # of every attempt
+    attempts: int = 1
+
+    @property
+    def dispatched(self) -> bool:
+        return bool(self.sent)
 
 
 def canonical_order(replies: list[Message]) -> list[Message]:
@@ -69,6 +90,34 @@ def _prefixed(record: MetricRecord | None, prefix: str, skip: tuple[str, ...]) -
         for key, value in record.items()
         if key not in skip and isinstance(value, (int, float))
     }
+
+
+def _declined(reply: Message) -> bool:
+    """A client that declined to train (DP-SGD budget): it replied, but has
+    no update to aggregate."""
+    if reply.has_error() or "metrics" not in reply.content:
+        return False
+    return int(reply.content["metrics"].get("dp_declined", 0)) == 1
+
+
+def privacy_round_metrics(replies: list[Message]) -> dict[str, float]:
+    """Clients that declined (budget spent) and each client's epsilon.
+
+    ``clients_declined``, ``epsilon_p<partition>``, ``epsilon_max`` and
+    ``epsilon_mean`` over the clients that replied; empty without DP-SGD.
+    """
+    spent = {
+        int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["dp_epsilon"])
+        for r in replies
+        if not r.has_error() and "metrics" in r.content and "dp_epsilon" in r.content["metrics"]
+    }
+    if not spent:
+        return {}
+    metrics = {"clients_declined": float(sum(_declined(r) for r in replies))}
+    metrics.update({f"epsilon_p{p}": eps for p, eps in sorted(spent.items())})
+    metrics["epsilon_max"] = max(spent.values())
+    metrics["epsilon_mean"] = sum(spent.values()) / len(spent)
+    return metrics
 
 
 class Availability(Protocol):
@@ -173,6 +222,16 @@ class RoundDriver:
         placing it after round 0 lets the tracker's start-up overlap it.
     min_train : int
         A round needs this many samplable nodes; with fewer it is idle.
+    min_replies : int
+        A round proceeds with at least this many usable updates; with fewer
+        it is retried. The default 0 lets every round proceed (the experiment
+        passes ``clients.min_replies``).
+    round_retries : int
+        How often a round short of ``min_replies`` is retried (each time
+        sampling and sending anew) before :class:`RoundFailedError` ends the run.
+    on_failures : callable, optional
+        ``(server_round, failures)``: every round's client failures (all its
+        attempts), before the round's metrics and before a failed round raises.
     """
 
     def __init__(
@@ -188,6 +247,9 @@ class RoundDriver:
         fleet: Availability | None = None,
         num_nodes: int | None = None,
         min_train: int = 1,
+        min_replies: int = 0,
+        round_retries: int = 0,
+        on_failures: FailuresCallback | None = None,
     ) -> None:
         self.strategy = strategy
         self.grid = grid
@@ -201,17 +263,34 @@ class RoundDriver:
         self.num_nodes = num_nodes
         self.partition_of: dict[int, int] = {}
         self.min_train = min_train
+        self.min_replies = min_replies
+        self.round_retries = round_retries
+        self.on_failures = on_failures
         self.energy_j = 0.0
 
-    def run(self, initial_arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:
-        """Run all rounds; returns the final global arrays."""
+    def run(
+        self,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        start_round: int = 1,
+        on_ready: Callable[["RoundDriver"], None] | None = None,
+    ) -> ArrayRecord:
+        """Run rounds ``start_round`` .. ``num_rounds``; returns the final global arrays.
+
+        ``start_round > 1`` resumes a checkpointed run: no round-0 evaluation,
+        and ``on_ready(driver)``, called once the node -> partition map is
+        known, restores the saved strategy and driver state onto this run's nodes.
+        """
         arrays = initial_arrays
-        self.on_round(0, self.evaluate_fn(0, arrays))
+        if start_round == 1:
+            self.on_round(0, self.evaluate_fn(0, arrays))
         if self.num_nodes is not None:
             self.partition_of = discover_partitions(self.grid, self.num_nodes, self.timeout_s)
-        for server_round in range(1, num_rounds + 1):
+        if on_ready is not None:
+            on_ready(self)
+        for server_round in range(start_round, num_rounds + 1):
             outcome = self.run_round(server_round, arrays)
-            arrays = outcome.arrays
+            arrays = self.arrays = outcome.arrays  # on_round may checkpoint them
             self.on_round(server_round, outcome.metrics)
         return arrays
 
@@ -234,34 +313,33 @@ class RoundDriver:
 
     def run_round(self, server_round: int, arrays: ArrayRecord) -> RoundResult:
         started = time.perf_counter()
-        candidates = self.samplable(server_round)
-        sent: list[Message] = []
-        replies: list[Message] = []
-        if len(candidates) >= self.min_train:
-            view = _SamplingView(self.grid, candidates)
-            config = ConfigRecord(dict(self.train_config))
-            sent = list(self.strategy.configure_train(server_round, arrays, config, view))
-            replies = canonical_order(list(self.grid.send_and_receive(sent, timeout=self.timeout_s)))
-            good = [r for r in replies if not r.has_error()]
+        train = self._train(server_round, arrays)
+        candidates, sent, replies = train.candidates, train.sent, train.replies
+        if train.dispatched:
+            # a client that declined (DP budget) replied but has no update to apply
+            good = [r for r in train.accepted if not _declined(r)]
             close = self.clock.close_round(server_round, [(r, _virtual_duration(r)) for r in good])
         else:
             close = self.clock.idle_round(server_round)
-        replied, failures = _count_replies(sent, replies)
+        replied, failures = len(train.accepted), train.failures
         for arrival, tau in zip(close.applied, close.staleness):
             arrival.reply.content["metrics"]["staleness"] = tau
-        errors = [r for r in replies if r.has_error()]
+        # rejected updates never reach the strategy; Flower's error replies do (it skips and logs them)
+        errors = train.errors
         new_arrays, train_metrics = self.strategy.aggregate_train(
             server_round, [a.reply for a in close.applied] + errors
         )
         if new_arrays is not None:
             arrays = new_arrays
-        round_energy = sum(float(r.content["metrics"].get("vc_energy_j", 0.0)) for r in replies if not r.has_error())
+        round_energy = sum(float(r.content["metrics"].get("vc_energy_j", 0.0)) for r in train.accepted)
         self.energy_j += round_energy
         metrics = {
             "clients_samplable": float(len(candidates)),
             "clients_sampled": float(len(sent)),
             "clients_replied": float(replied),
             "clients_failed": float(len(failures)),
+            **failure_counts(failures),
+            "round_attempts": float(train.attempts),
             "round_aggregated": float(new_arrays is not None),
             "updates_applied": float(len(close.applied)),
             "updates_stale": float(sum(1 for tau in close.staleness if tau > 0)),
@@ -273,12 +351,70 @@ class RoundDriver:
         }
         for tau in sorted(set(close.staleness)):
             metrics[f"staleness_tau{tau}"] = float(close.staleness.count(tau))
+        metrics.update(privacy_round_metrics(replies))
         metrics.update(_prefixed(train_metrics, "", skip=("num-examples", "partition-id", "dispatch-round")))
         metrics.update(self._federated_evaluation(server_round, arrays))
         metrics["round_train_time_s"] = time.perf_counter() - started
         metrics.update(self._evaluate(server_round, arrays))
         metrics["round_wall_time_s"] = time.perf_counter() - started
         return RoundResult(arrays=arrays, metrics=metrics, failures=failures)
+
+    def _train(self, server_round: int, arrays: ArrayRecord) -> _TrainPhase:
+        """Sample, send, receive and screen; retry while short of ``min_replies``.
+
+        A round with fewer samplable nodes than ``min_train`` because devices
+        are offline or busy (virtual clock) is idle, not failed. One with
+        fewer *connected* nodes than that, or with fewer usable updates than
+        ``min_replies``, is retried; each retry samples and sends anew and
+        discards the earlier attempt's updates. Failures of every attempt count.
+        """
+        failures: list[ClientFailure] = []
+        shortfall = ""
+        for attempt in range(1, self.round_retries + 2):
+            candidates = self.samplable(server_round)
+            if len(candidates) < self.min_train:
+                connected = len(list(self.grid.get_node_ids()))
+                if connected >= self.min_train or self.min_replies == 0:  # offline or busy by design
+                    self._report_failures(server_round, failures)
+                    return _TrainPhase(candidates, failures=failures, attempts=attempt)
+                shortfall = f"only {connected} nodes connected, clients.min_train={self.min_train}"
+                if attempt <= self.round_retries:
+                    time.sleep(RECONNECT_WAIT_S)
+                continue
+            sent, replies = self._dispatch(server_round, arrays, candidates, attempt)
+            accepted, errors, new_failures = screen_replies(
+                sent, replies, arrays, self.partition_of, attempt, accept_as_is=_declined
+            )
+            failures += new_failures
+            if len(accepted) >= self.min_replies:
+                self._report_failures(server_round, failures)
+                return _TrainPhase(candidates, sent, replies, accepted, errors, failures, attempt)
+            shortfall = (f"{len(accepted)} of {len(sent)} sampled clients sent a usable update, "
+                         f"clients.min_replies={self.min_replies}")
+        self._report_failures(server_round, failures)
+        kinds = ", ".join(f"{n:g} {k.removeprefix('clients_failed_')}"
+                          for k, n in failure_counts(failures).items() if n)
+        raise RoundFailedError(
+            f"round {server_round} failed after {self.round_retries + 1} attempt(s): {shortfall}"
+            + (f" (client failures: {kinds})" if kinds else ""),
+            failures,
+        )
+
+    def _dispatch(
+        self, server_round: int, arrays: ArrayRecord, candidates: list[int], attempt: int
+    ) -> tuple[list[Message], list[Message]]:
+        """One attempt: the strategy samples among ``candidates``; replies in canonical order."""
+        view = _SamplingView(self.grid, candidates)
+        config = ConfigRecord(dict(self.train_config))
+        if attempt > 1:
+            config["round-attempt"] = attempt  # clients (and fault injection) can tell a retry
+        sent = list(self.strategy.configure_train(server_round, arrays, config, view))
+        replies = canonical_order(list(self.grid.send_and_receive(sent, timeout=self.timeout_s)))
+        return sent, replies
+
+    def _report_failures(self, server_round: int, failures: list[ClientFailure]) -> None:
+        if failures and self.on_failures is not None:
+            self.on_failures(server_round, failures)
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         """Server-side evaluation; a strategy with several models (clusters)

@@ -1,10 +1,17 @@
-"""A SuperLink in simulation mode that we start, own and stop by PID.
+"""A SuperLink that we start, own and stop by PID.
 
 ``flwr run`` would otherwise start a detached SuperLink on fixed ports that
 outlives the command. Ours listens on a free loopback port, keeps its state
 (``FLWR_HOME``) in the project's git-ignored ``.flwr/`` folder, never installs
 dependencies at run time, and is stopped with its whole process group (the
 simulation subprocess and Ray included) when we are done.
+
+By default it runs Flower's Simulation Engine (``--simulation``, plaintext on
+loopback). With ``simulation=False`` it is a Deployment Engine SuperLink that
+separate ``flower-supernode`` processes connect to (see
+:mod:`fl_server.deployment`); ``tls=True`` then serves all its APIs over HTTPS
+with certificates made at start-up in its own (git-ignored, removed on stop)
+folder.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from fl_datasets.federated import CACHE_ENV
+from fl_server.certificates import Certificates, generate_certificates
 from fl_server.config import PROJECT_DIR
 
 FLWR_STATE_DIR = PROJECT_DIR / ".flwr"
@@ -35,6 +44,28 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def descendant_groups(pid: int) -> set[int]:
+    """Process groups of ``pid``'s descendants other than its own and ours.
+
+    Read from ``/proc/<pid>/stat`` (empty where there is no ``/proc``); only
+    processes that descend from ``pid``, i.e. that we started, are included.
+    """
+    parent_of: dict[int, int] = {}
+    group_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        child = int(stat.parent.name)
+        parent_of[child], group_of[child] = int(fields[1]), int(fields[2])
+    descendants, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parent_of.items() if p in frontier} - descendants
+        descendants |= frontier
+    return {group_of[d] for d in descendants} - {pid, os.getpgrp()}
 
 
 def venv_bin(name: str) -> str:
@@ -68,7 +99,7 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
 
 
 class LocalSuperLink:
-    """Start ``flower-superlink --simulation`` on a free port; stop it on exit.
+    """Start ``flower-superlink`` on a free port; stop it on exit.
 
     Parameters
     ----------
@@ -77,9 +108,25 @@ class LocalSuperLink:
         (e.g. ``MLFLOW_TRACKING_URI``).
     startup_timeout_s : float
         How long to wait for its health endpoint.
+    simulation : bool
+        Run Flower's Simulation Engine (the default); False for the
+        Deployment Engine, which SuperNodes connect to.
+    tls : bool
+        Serve HTTPS with certificates generated at start-up (``certificates``);
+        False serves plaintext (``--insecure``).
     """
 
-    def __init__(self, env: dict[str, str] | None = None, startup_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        startup_timeout_s: float = 60.0,
+        *,
+        simulation: bool = True,
+        tls: bool = False,
+    ) -> None:
+        self.simulation = simulation
+        self.tls = tls
+        self.certificates: Certificates | None = None
         self.port = _free_port()
         self.home = FLWR_STATE_DIR / f"superlink-{self.port}"
         # processes of this SuperLink share one split of the data (see fl_datasets.federated)
@@ -109,14 +156,13 @@ class LocalSuperLink:
     def spawn(self) -> "LocalSuperLink":
         """Spawn the SuperLink without waiting (boot it while doing other work)."""
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
-        )
+        if self.tls:
+            self.certificates = generate_certificates(self.home / "certs")
+        (self.home / "config.toml").write_text(self._connection_toml())
         command = [
             venv_bin("flower-superlink"),
-            "--insecure",
-            "--simulation",
+            *(self.certificates.superlink_args() if self.certificates else ["--insecure"]),
+            *(["--simulation"] if self.simulation else []),
             "--isolation",
             "subprocess",
             "--disable-runtime-dependency-installation",
@@ -137,9 +183,27 @@ class LocalSuperLink:
         (self.home / "superlink.pid").write_text(str(self.process.pid))
         return self
 
+    def _connection_toml(self) -> str:
+        """The ``flwr`` CLI's connection to this SuperLink (``$FLWR_HOME/config.toml``)."""
+        if self.certificates is not None:
+            # the CLI verifies the SuperLink against our CA (an absolute path)
+            security = f'root-certificates = "{self.certificates.ca_cert.resolve()}"\n'
+        else:
+            security = "insecure = true\n"
+        return (
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}'
+        )
+
+    def _health_url(self) -> tuple[str, ssl.SSLContext | None]:
+        if self.certificates is None:
+            return f"http://{self.address}/health", None
+        return f"https://{self.address}/health", ssl.create_default_context(cafile=str(self.certificates.ca_cert))
+
     def wait_until_ready(self) -> None:
         """Block until the SuperLink's health endpoint answers."""
         deadline = time.monotonic() + self.startup_timeout_s
+        url, context = self._health_url()
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise SuperLinkError(
@@ -147,7 +211,7 @@ class LocalSuperLink:
                     f"see {self.log_file}"
                 )
             try:
-                with urllib.request.urlopen(f"http://{self.address}/health", timeout=0.5) as reply:
+                with urllib.request.urlopen(url, timeout=0.5, context=context) as reply:
                     if reply.status == 200:
                         return
             except OSError:
@@ -163,6 +227,9 @@ class LocalSuperLink:
         """Stop the SuperLink and its children (by process group of our PID)."""
         if self.process is None:
             return
+        # Flower starts its SuperExec (and so the ServerApp / simulation) in a
+        # session of its own: note those groups while their parent still lives.
+        child_groups = descendant_groups(self.process.pid)
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -173,10 +240,11 @@ class LocalSuperLink:
             except ProcessLookupError:
                 pass
         # Ray workers may sit in the group after the SuperLink has gone.
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        for group in (self.process.pid, *child_groups):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.process = None
         shutil.rmtree(self.home, ignore_errors=True)
 

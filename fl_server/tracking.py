@@ -94,6 +94,7 @@ class RunTracker:
         parent_run_id: str | None = None,
         on_created: Callable[[str, str], None] | None = None,
         deferred: bool = False,
+        resume_run_id: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self._go = threading.Event()
@@ -111,8 +112,14 @@ class RunTracker:
 
         def create() -> tuple[str, str]:
             self.client = _client(tracking_uri)
-            experiment_id = ensure_experiment(self.client, experiment, tracking_uri)
-            run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+            if resume_run_id:  # a resumed run continues its own MLflow run
+                run = self.client.get_run(resume_run_id)
+                experiment_id = run.info.experiment_id
+                self.client.update_run(resume_run_id, status="RUNNING")
+                self.client.set_tag(resume_run_id, "fc.resumed", "true")
+            else:
+                experiment_id = ensure_experiment(self.client, experiment, tracking_uri)
+                run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
             self._ready = True
             if on_created is not None:
                 on_created(run.info.run_id, experiment_id)
@@ -180,6 +187,25 @@ class RunTracker:
             items = [Metric(k, v, now, step) for k, v in values.items()]
             for start in range(0, len(items), 1000):
                 self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+        self._submit(log)
+
+    def log_missing_rounds(self, rows: list[dict[str, Any]], sentinel: str = "elapsed_wall_time_s") -> None:
+        """Log those of ``rows`` (``{"round": k, metric: value}``) whose step
+        has no ``sentinel`` metric yet: a resumed run's rounds that were
+        checkpointed but never reached MLflow. Each round is one batch, so a
+        logged sentinel means the whole round was logged."""
+        rows = [dict(row) for row in rows]  # as they are now: the caller's list grows
+
+        def log() -> None:
+            from mlflow.entities import Metric
+
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, sentinel)}
+            now = int(time.time() * 1000)
+            for row in rows:
+                if row["round"] not in logged:
+                    items = [Metric(k, float(v), now, int(row["round"])) for k, v in row.items() if k != "round"]
+                    self.client.log_batch(self.run_id, metrics=items)
 
         self._submit(log)
 

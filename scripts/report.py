@@ -22,6 +22,10 @@ METRICS = {
     "final_test_accuracy": "accuracy",
     "final_test_macro_f1": "macro-F1",
     "final_test_weakest_class_recall": "weakest-class recall",
+    # forecasting tasks (mean over sites); a sweep shows whichever its runs have
+    "final_test_mase": "MASE",
+    "final_test_mae": "MAE",
+    "final_test_smape": "sMAPE %",
 }
 FINAL_COSTS = {"virtual_time_s": "virtual s", "energy_total_j": "energy J"}
 TARGET_COLUMNS = {
@@ -29,7 +33,7 @@ TARGET_COLUMNS = {
     "virtual_s_to_target": "virtual s to target",
     "energy_j_to_target": "energy J to target",
 }
-GROUP_TAGS = ("task", "strategy", "ass_abg", "partition", "alpha", "rho", "deadline", "availability")
+GROUP_TAGS = ("task", "model", "strategy", "ass_abg", "partition", "alpha", "rho", "deadline", "availability")
 
 
 def time_to_target(client: MlflowClient, run_id: str, target: float) -> dict[str, float]:
@@ -82,6 +86,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     grouped = done.groupby(keys, dropna=False)
     table = grouped.size().rename("runs").to_frame()
     columns = {**METRICS, **FINAL_COSTS, **{k: v for k, v in TARGET_COLUMNS.items() if k in done}}
+    columns = {k: v for k, v in columns.items() if done[k].notna().any()}  # e.g. no accuracy when forecasting
     for metric, label in columns.items():
         mean, sd = grouped[metric].mean(), grouped[metric].std(ddof=1).fillna(0.0)
         digits = 4 if metric in METRICS else 2

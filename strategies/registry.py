@@ -1,4 +1,5 @@
-"""Build the configured strategy. FedAvg and FedAvgM are Flower's own."""
+"""Build the configured strategy. FedAvg, FedAvgM and the robust aggregators
+(FedMedian, FedTrimmedAvg, Krum / Multi-Krum) are Flower's own."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from omegaconf import DictConfig
 
 from .ass import AccuracyStabilitySize
@@ -73,4 +74,22 @@ def build_strategy(
             seed=int(cfg.seed),
             **sampling,
         )
+    robust = _robust_strategy(cfg, sampling)
+    if robust is not None:
+        return robust
     raise ValueError(f"unknown strategy '{name}'")
+
+
+def _robust_strategy(cfg: DictConfig, sampling: dict) -> Strategy | None:
+    """Flower's Byzantine-robust aggregators, for poisoned-update studies."""
+    name = cfg.strategy.name
+    if name == "fedmedian":
+        return FedMedian(**sampling)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**sampling, beta=float(cfg.strategy.beta))
+    if name == "krum":
+        f, m = int(cfg.strategy.num_malicious_nodes), int(cfg.strategy.num_nodes_to_select)
+        if m == 1:
+            return Krum(**sampling, num_malicious_nodes=f)
+        return MultiKrum(**sampling, num_malicious_nodes=f, num_nodes_to_select=m)
+    return None

@@ -153,6 +153,43 @@ class StalenessClustered(FedAvg):
         self.latest_model: dict[int, list[np.ndarray]] = {}
         self.partition_of: dict[int, int] = {}
 
+    # -- checkpointing --------------------------------------------------------
+    # Node ids are random per simulation: state keyed by node is saved keyed by
+    # the node's partition, and mapped back onto the new run's node ids.
+    _BY_NODE = ("cluster_of", "latest_update", "latest_model", "partition_of")
+
+    def state_dict(self, partition_of: dict[int, int]) -> dict:
+        """Everything needed to continue aggregating (see :meth:`load_state_dict`).
+
+        Parameters
+        ----------
+        partition_of : dict of int to int
+            This run's node id -> partition id.
+        """
+        state = {
+            "keys": list(self.keys), "models": self.models, "sent": self.sent, "momentum": self.momentum,
+            "dispatch_cluster": {(partition_of[n], r): c for (n, r), c in self.dispatch_cluster.items()},
+        }
+        for name in self._BY_NODE:
+            state[name] = {partition_of[n]: v for n, v in getattr(self, name).items()}
+        return state
+
+    def load_state_dict(self, state: dict, node_of: dict[int, int]) -> None:
+        """Restore :meth:`state_dict`'s output onto this run's nodes.
+
+        Parameters
+        ----------
+        state : dict
+            From :meth:`state_dict`.
+        node_of : dict of int to int
+            This run's partition id -> node id.
+        """
+        self.keys, self.models, self.sent, self.momentum = (
+            list(state["keys"]), state["models"], state["sent"], state["momentum"])
+        self.dispatch_cluster = {(node_of[p], r): c for (p, r), c in state["dispatch_cluster"].items()}
+        for name in self._BY_NODE:
+            setattr(self, name, {node_of[p]: v for p, v in state[name].items()})
+
     @property
     def clustered(self) -> bool:
         return self.num_clusters is not None or self.similarity_threshold is not None

@@ -1,0 +1,263 @@
+"""The federated view of the workload-forecasting task: one edge site per
+client, each with its own series (non-IID by construction).
+
+Every site's series is split in time (train / validation / test, no
+shuffling), z-scored with statistics fitted on its own training slice, and cut
+into (window, horizon) pairs inside each slice, so no target of one split ever
+feeds another split's inputs or statistics. The server holds every site's
+validation and test windows for the per-site metrics; a client sees only its
+own training (and validation) windows.
+
+Built once per process and cached (Flower re-creates clients every round): the
+raw series of a trace directory are also saved under ``FEDCONTINUUM_CACHE_DIR``
+when the launcher sets it, so Ray workers skip re-parsing the CSV files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .federated import CACHE_ENV
+from .synthetic import synthetic_workload
+from .traces import Normaliser, TraceError, TraceSet, load_trace_dir, time_split
+
+
+@dataclass(frozen=True)
+class ForecastSpec:
+    """Everything that determines the forecasting data; hashable, JSON-able.
+
+    Attributes
+    ----------
+    num_clients : int
+        Sites used, one per client.
+    window, horizon, season : int
+        Input steps W, forecast steps H, seasonal period (MASE scale and the
+        seasonal-naive baseline), all in grid steps.
+    columns : tuple of str
+        Resource columns forecast (e.g. CPU %, memory KB).
+    trace_dir : str or None
+        A GWA-T-12 month folder; None = the synthetic generator.
+    synthetic_profile, synthetic_steps : str, int
+        The generator's load level and length (used when ``trace_dir`` is None).
+    site_selection : {"busiest", "first"}
+        Which ``num_clients`` sites of a larger trace set are used; "busiest"
+        ranks by mean CPU over the training slice only (no peeking at the test).
+    train_fraction, val_fraction : float
+        Time split; the test slice is the rest.
+    train_stride : int
+        Every k-th training / validation window (bounds CPU time; test windows
+        always use stride 1).
+    seed : int
+        Seeds the synthetic generator.
+    """
+
+    num_clients: int
+    window: int
+    horizon: int
+    season: int
+    columns: tuple[str, ...] = ("cpu_usage_pct",)
+    trace_dir: str | None = None
+    synthetic_profile: str = "medium"
+    synthetic_steps: int = 8640
+    site_selection: str = "busiest"
+    train_fraction: float = 0.7
+    val_fraction: float = 0.15
+    train_stride: int = 8
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "ForecastSpec":
+        """Build from a composed fedcontinuum config (``task.kind == forecast``)."""
+        task = cfg.task
+        return cls(
+            num_clients=int(cfg.clients.num),
+            window=int(task.window),
+            horizon=int(task.horizon),
+            season=int(task.season),
+            columns=tuple(str(c) for c in task.columns),
+            trace_dir=str(task.trace_dir) if task.get("trace_dir") else None,
+            synthetic_profile=str(task.synthetic.profile),
+            synthetic_steps=int(task.synthetic.num_steps),
+            site_selection=str(task.site_selection),
+            train_fraction=float(task.split.train),
+            val_fraction=float(task.split.val),
+            train_stride=int(task.train_stride),
+            seed=int(cfg.seed),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ForecastSpec":
+        fields = json.loads(text)
+        fields["columns"] = tuple(fields["columns"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True, eq=False)
+class SiteData:
+    """One site's prepared windows (normalised) and what scoring needs.
+
+    Attributes
+    ----------
+    site : str
+        Site (VM) id.
+    normaliser : Normaliser
+        Fitted on this site's training slice; maps forecasts back to units.
+    y_train : numpy.ndarray, shape (n, C)
+        Training slice in original units (NaN where masked): the MASE scale.
+    train, val, test : tuple of numpy.ndarray
+        ``(X, Y)`` windows, shapes (N, W, C) and (N, H, C), float32.
+    """
+
+    site: str
+    normaliser: Normaliser
+    y_train: np.ndarray
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.train[0])
+
+
+@dataclass(frozen=True, eq=False)
+class FederatedForecastData:
+    """All sites, in client (partition) order."""
+
+    sites: tuple[SiteData, ...]
+    step_s: int
+    columns: tuple[str, ...]
+
+    def site_ids(self) -> list[str]:
+        return [s.site for s in self.sites]
+
+
+@lru_cache(maxsize=4)
+def build_forecast_data(spec: ForecastSpec) -> FederatedForecastData:
+    """Load (or generate), select, split, normalise and window every site.
+
+    Raises
+    ------
+    fl_datasets.traces.TraceError
+        Missing or empty trace directory, corrupt file (naming file and line),
+        or fewer sites than clients.
+    ValueError
+        W or H <= 0, or W + H longer than a split of the series.
+    """
+    if spec.window <= 0 or spec.horizon <= 0:
+        raise ValueError(
+            f"task.window={spec.window}, task.horizon={spec.horizon}: both must be >= 1 steps"
+        )
+    traces = _series(spec)
+    train, val, test = time_split(len(traces.timestamps), spec.train_fraction, spec.val_fraction)
+    shortest = min(s.stop - s.start for s in (train, val, test))
+    if spec.window + spec.horizon > shortest:
+        raise ValueError(
+            f"task.window + task.horizon = {spec.window} + {spec.horizon} steps is longer than the "
+            f"shortest split ({shortest} of {len(traces.timestamps)} steps): shorten the window or "
+            "horizon, or use a longer series (task.synthetic.num_steps or a full trace month)"
+        )
+    chosen = _select_sites(traces, spec, train)
+    sites = tuple(_prepare_site(traces, i, spec, (train, val, test)) for i in chosen)
+    return FederatedForecastData(sites=sites, step_s=traces.step_s, columns=traces.columns)
+
+
+def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[slice, slice, slice]) -> SiteData:
+    from fl_clients.forecast_task import make_windows  # numpy only
+
+    train, val, test = splits
+    values, mask = traces.values[i], traces.mask[i]
+    norm = Normaliser.fit(values[train])
+    z = norm.transform(values).astype(np.float32)
+    W, H, k = spec.window, spec.horizon, spec.train_stride
+    return SiteData(
+        site=traces.sites[i],
+        normaliser=norm,
+        y_train=values[train].astype(np.float64),
+        train=make_windows(z[train], mask[train], W, H, stride=k),
+        val=make_windows(z[val], mask[val], W, H, stride=k),
+        test=make_windows(z[test], mask[test], W, H),
+    )
+
+
+def _select_sites(traces: TraceSet, spec: ForecastSpec, train: slice) -> list[int]:
+    available = len(traces.sites)
+    if spec.num_clients > available:
+        raise TraceError(
+            f"clients.num={spec.num_clients} but the traces hold only {available} sites: "
+            f"use clients.num<={available} or a directory with more VMs"
+        )
+    if spec.site_selection == "first":
+        return list(range(spec.num_clients))
+    if spec.site_selection != "busiest":
+        raise ValueError(f"task.site_selection={spec.site_selection!r}: use 'busiest' or 'first'")
+    cpu = traces.columns.index("cpu_usage_pct") if "cpu_usage_pct" in traces.columns else 0
+    load = np.nanmean(traces.values[:, train, cpu], axis=1)
+    busiest = np.argsort(-load, kind="stable")[: spec.num_clients]
+    return sorted(int(i) for i in busiest)  # client order = trace order
+
+
+def _series(spec: ForecastSpec) -> TraceSet:
+    if spec.trace_dir is None:
+        generated = synthetic_workload(
+            spec.num_clients, spec.synthetic_steps, profile=spec.synthetic_profile, seed=spec.seed
+        )
+        return _only_columns(generated, spec.columns)
+    cached = _cache_path(spec)
+    if cached is not None and cached.exists():
+        return _load_cached(cached)
+    traces = load_trace_dir(spec.trace_dir, columns=spec.columns)
+    if cached is not None:
+        _save_cached(cached, traces)
+    return traces
+
+
+def _only_columns(traces: TraceSet, columns: tuple[str, ...]) -> TraceSet:
+    unknown = [c for c in columns if c not in traces.columns]
+    if unknown:
+        raise ValueError(f"task.columns={list(columns)}: choose from {list(traces.columns)}")
+    keep = [traces.columns.index(c) for c in columns]
+    return TraceSet(
+        sites=traces.sites, values=traces.values[..., keep], mask=traces.mask,
+        timestamps=traces.timestamps, gaps=traces.gaps, columns=tuple(columns), step_s=traces.step_s,
+    )
+
+
+def _cache_path(spec: ForecastSpec) -> Path | None:
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        return None
+    key = json.dumps({"dir": str(Path(spec.trace_dir).resolve()), "columns": spec.columns})
+    return Path(root) / f"traces-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def _save_cached(path: Path, traces: TraceSet) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(
+        tmp, values=traces.values, mask=traces.mask, timestamps=traces.timestamps,
+        sites=np.array(traces.sites), columns=np.array(traces.columns), step_s=traces.step_s,
+    )
+    os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
+
+
+def _load_cached(path: Path) -> TraceSet:
+    with np.load(path) as f:
+        return TraceSet(
+            sites=tuple(str(s) for s in f["sites"]),
+            values=f["values"],
+            mask=f["mask"],
+            timestamps=f["timestamps"],
+            gaps={},  # reported by the process that parsed the files
+            columns=tuple(str(c) for c in f["columns"]),
+            step_s=int(f["step_s"]),
+        )
