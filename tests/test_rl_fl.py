@@ -1,0 +1,139 @@
+"""Federated PPO / QMIX in the twin: the experiment with the real ClientApp
+through a fake Grid (per-round learning curves, policy artifacts, local
+parts kept in context.state, resume), and one real 2-round Flower simulation
+each through the launcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from mlflow.tracking import MlflowClient
+
+from fl_clients import app as client_app
+from fl_clients.rl_client import LOCAL_KEY
+from fl_server.config import ConfigError, compose_config
+from fl_server.experiment import run_experiment
+from strategies.testing import FakeGrid
+from tests.conftest import run_module, sqlite_uri
+
+# 60-s episodes, 128 steps per client per round, one held-out evaluation seed
+TINY = ["task.episode_s=60", "task.steps_per_round=128", "task.eval_seeds=[7]", "num_rounds=2", "seed=1"]
+
+
+def persistent_clients(num_clients: int) -> tuple[FakeGrid, dict[int, Context]]:
+    """A fake Grid answered by the real ClientApp; each node keeps its Context across rounds."""
+    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n, "num-partitions": num_clients},
+                           state=RecordDict(), run_config={}) for n in range(num_clients)}
+
+    def reply(message: Message) -> Message:
+        context = contexts[message.metadata.dst_node_id]
+        if message.metadata.message_type == MessageType.QUERY:
+            return client_app.query(message, context)
+        if message.metadata.message_type == MessageType.EVALUATE:
+            return client_app.evaluate_local(message, context)
+        return client_app.train(message, context)
+
+    return FakeGrid(range(num_clients), reply), contexts
+
+
+def only_run(uri: str):
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return client, run
+
+
+def test_federated_ppo_logs_learning_curves_and_policy_checkpoints(tracking_uri, tmp_path):
+    # Prepare
+    cfg = compose_config(["task=ppo", "strategy=fedavgm", "clients.num=2", *TINY, f"checkpoint.dir={tmp_path}"])
+    grid, _ = persistent_clients(2)
+    # Execute
+    final = run_experiment(grid, cfg, tracking_uri)
+    # Assert
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["kind"] == "rl" and run.data.tags["arm"] == "mafl" and run.data.tags["algo"] == "ppo"
+    steps = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
+    for key in ("eval_return", "eval_slo_violation_rate", "eval_shield_interventions", "eval_p95_ms",
+                "eval_p99_ms", "eval_energy_j_per_request", "eval_cost_per_1k_usd"):
+        assert steps(key) == [0, 1, 2], key
+    for key in ("train_return", "train_shield_interventions", "train_loss_objective"):
+        assert steps(key) == [1, 2], key
+    artifacts = {a.path for d in ("policy", "plots", "metrics", "model") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"policy/round_001.pt", "policy/round_002.pt", "plots/learning_curves.png", "metrics/rounds.csv",
+            "model/final_state_dict.pt"} <= artifacts
+    assert final["eval_return"] < 0 and 0 <= final["rounds_to_95pct_best"] <= 2
+
+
+def test_non_federated_qmix_clients_continue_from_their_own_weights(tracking_uri, tmp_path):
+    # Prepare: 3 clusters, no federation, VDN mixer (the ablation switch)
+    cfg = compose_config(["task=qmix", "clients.num=3", "task.federated=false", "task.mixer=vdn", *TINY,
+                          "task.hyper.warmup=32", f"checkpoint.dir={tmp_path}"])
+    grid, contexts = persistent_clients(3)
+    # Execute
+    run_experiment(grid, cfg, tracking_uri)
+    # Assert: every client holds its own weights, and they differ between clients
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "marl-vdn"
+    kept = [contexts[n].state[LOCAL_KEY].to_torch_state_dict() for n in range(3)]
+    assert not torch.equal(kept[0]["agent.net.0.weight"], kept[1]["agent.net.0.weight"])
+    # the server still sent round 2's global model; the clients did not take it
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    global_2 = next(m for m in train if m.content["config"]["server-round"] == 2).content["arrays"].to_torch_state_dict()
+    assert all(not torch.equal(global_2["agent.net.0.weight"], k["agent.net.0.weight"]) for k in kept)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_return")] == [0, 1, 2]
+
+
+def test_qmix_local_mixer_stays_on_the_client(tracking_uri, tmp_path):
+    cfg = compose_config(["task=qmix", "clients.num=2", "task.local_mixer=true", *TINY, "num_rounds=1",
+                          "task.hyper.warmup=32", f"checkpoint.dir={tmp_path}"])
+    grid, contexts = persistent_clients(2)
+    run_experiment(grid, cfg, tracking_uri)
+    mixers = [contexts[n].state[LOCAL_KEY].to_torch_state_dict()["mixer.hyper_w_1.weight"] for n in range(2)]
+    assert not torch.equal(mixers[0], mixers[1])  # each cluster trained its own mixer
+
+
+def test_an_interrupted_rl_run_resumes_from_its_last_checkpoint(tracking_uri, tmp_path):
+    # Prepare: one round, then the same run continued to round 2
+    base = ["task=ppo", "clients.num=2", *TINY, f"checkpoint.dir={tmp_path}"]
+    run_experiment(persistent_clients(2)[0], compose_config([*base, "num_rounds=1"]), tracking_uri)
+    _, first = only_run(tracking_uri)
+    # Execute
+    resumed = compose_config([*base, "num_rounds=2", f"checkpoint.resume={first.info.run_id}"])
+    run_experiment(persistent_clients(2)[0], resumed, tracking_uri)
+    # Assert: the same MLflow run, rounds 0-2 logged once each
+    client, run = only_run(tracking_uri)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_return")] == [0, 1, 2]
+    assert run.data.tags["fc.resumed_after_round"] == "1"
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["task=ppo", "clients.num=13"], r"clients.num=13 is too many for task=ppo: twin bitbrains has 12 edge nodes"),
+        (["task=qmix", "clients.num=4"], r"clients.num=4 is too many for task=qmix: twin bitbrains has 3 edge clusters"),
+        (["task=qmix", "task.mixer=sum"], r"task.mixer=sum is unknown"),
+        (["task=ppo", "task.faults=quake"], r"task.faults=quake is unknown"),
+        (["task=ppo", "strategy=ass"], r"strategy=ass does not fit task=ppo"),
+    ],
+)
+def test_bad_rl_config_is_one_clear_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        compose_config(overrides)
+
+
+# ----------------------------------------------------------- real Flower runs
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("task, clients", [("ppo", 2), ("qmix", 2)])
+def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
+    uri = sqlite_uri(tmp_path)
+    result = run_module("fl_server.launch", f"task={task}", "strategy=fedavgm", f"clients.num={clients}", *TINY,
+                        f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["algo"] == task
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "clients_replied")] == [clients, clients]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_return")] == [0, 1, 2]
