@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fl_clients import privacy  # light: Opacus is imported only when DP-SGD runs
 from fl_clients.forecasters import build_forecaster
 
 # The forecasting task and its data (pandas, trace loading) are imported by the
@@ -67,19 +68,30 @@ def train(msg: Message, context: Context, virtual_cost) -> Message:
     model = forecaster_from(config, spec, msg.content["arrays"])
     server_round = int(config["server-round"])
     optimiser = json.loads(str(config["forecaster"]))
+    # a distinct, reproducible shuffle per (seed, round, client)
+    seed = int(config["seed"]) * 1_000_003 + server_round * 1_009 + partition_id
     started = time.perf_counter()
-    losses = train_forecaster(
-        model,
-        *site.train,
-        epochs=int(config["local-epochs"]),
-        batch_size=int(optimiser["batch_size"]),
-        lr=float(optimiser["lr"]),
-        # a distinct, reproducible shuffle per (seed, round, client)
-        seed=int(config["seed"]) * 1_000_003 + server_round * 1_009 + partition_id,
-    )
+    dp_settings = privacy.settings_from_config(config, partition_id)
+    dp_round = None
+    if dp_settings is None:
+        loss = train_forecaster(
+            model, *site.train, epochs=int(config["local-epochs"]),
+            batch_size=int(optimiser["batch_size"]), lr=float(optimiser["lr"]), seed=seed,
+        )[-1]
+    else:  # Opacus DP-SGD on the MSE, accountant kept in context.state across rounds
+        dp_round = privacy.train_private(
+            model, torch.as_tensor(site.train[0]), torch.as_tensor(site.train[1]), torch.nn.MSELoss(),
+            epochs=int(config["local-epochs"]), batch_size=int(optimiser["batch_size"]),
+            lr=float(optimiser["dp_lr"]), momentum=float(optimiser["dp_momentum"]), seed=seed,
+            settings=dp_settings, state=context.state,
+        )
+        if dp_round.declined:
+            return privacy.declined_reply(msg, dp_round, partition_id, server_round)
+        loss = dp_round.loss
     arrays = ArrayRecord(model.state_dict())
     metrics = {
-        "train_loss": losses[-1],
+        **(dp_round.metrics() if dp_round is not None else {}),
+        "train_loss": loss,
         "num-examples": len(site),
         "partition-id": partition_id,
         "dispatch-round": server_round,

@@ -374,9 +374,12 @@ def _validate_privacy(cfg: DictConfig) -> None:
     _validate_central_dp(cfg, cfg.privacy.central)
     _validate_secagg(cfg, cfg.privacy.secagg)
     p = cfg.privacy
-    _require(not is_forecast(cfg) or not (p.dpsgd.enabled or p.central.mode != "none" or p.secagg.enabled),
-             f"privacy={p.name} is wired into the image tasks only, not task={cfg.task.name}: "
-             "use privacy=none (fl_clients.privacy.train_private is ready for the forecasting client)")
+    _require(not is_forecast(cfg) or not (p.central.mode != "none" or p.secagg.enabled),
+             f"privacy={p.name} (central DP / SecAgg+) is wired into the image tasks only, not "
+             f"task={cfg.task.name}: use privacy=dpsgd (sample-level DP-SGD) or privacy=none")
+    _require(not (is_forecast(cfg) and p.dpsgd.enabled and cfg.task.model != "tcn"),
+             f"privacy=dpsgd with task.model={cfg.task.get('model')}: Opacus computes per-sample gradients "
+             "of torch's nn.LSTM only through its own DPLSTM; use task.model=tcn with DP-SGD")
 
 
 def _validate_dpsgd(cfg: DictConfig, dp: DictConfig) -> None:

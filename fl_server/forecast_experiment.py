@@ -23,7 +23,7 @@ from fl_clients.devices import Fleet, check_memory, forecaster_costs
 from fl_clients.forecast_task import evaluate_baselines, evaluate_forecaster, predict
 from fl_clients.forecasters import build_forecaster
 from fl_datasets.forecast_data import FederatedForecastData, ForecastSpec, build_forecast_data
-from fl_server import fault_handling, progress
+from fl_server import fault_handling, progress, protection
 from fl_server.checkpoint import RunCheckpoints
 from fl_server.rounds import RoundDriver
 from fl_server.tracking import RunTracker
@@ -58,6 +58,7 @@ def forecast_train_config(cfg: DictConfig, spec: ForecastSpec) -> ConfigRecord:
             "devices": json.dumps(OmegaConf.to_container(cfg.devices, resolve=True)),
             "local-epochs": int(cfg.train.local_epochs),
             "seed": int(cfg.seed),
+            **protection.client_config(cfg),  # DP-SGD keys when privacy=dpsgd; none by default
         }
     )
 
@@ -69,6 +70,8 @@ def forecaster_settings(cfg: DictConfig) -> dict[str, Any]:
         "level_centred": bool(task.level_centred),
         "lr": float(task.optimizer.lr),
         "batch_size": int(task.optimizer.batch_size),
+        "dp_lr": float(task.dp_sgd.lr),
+        "dp_momentum": float(task.dp_sgd.momentum),
     }
 
 

@@ -99,10 +99,13 @@ def test_more_clients_than_trace_sites_is_refused():
 
 
 def forecast_client(num_partitions: int = 4):
+    contexts: dict[int, Context] = {}  # per node, kept across rounds as Flower keeps context.state
+
     def reply(message: Message) -> Message:
         node = message.metadata.dst_node_id
-        context = Context(run_id=1, node_id=node, node_config={"partition-id": node, "num-partitions": num_partitions},
-                          state=RecordDict(), run_config={})
+        context = contexts.setdefault(node, Context(
+            run_id=1, node_id=node, node_config={"partition-id": node, "num-partitions": num_partitions},
+            state=RecordDict(), run_config={}))
         if message.metadata.message_type == MessageType.QUERY:
             return client_app.query(message, context)
         if message.metadata.message_type == MessageType.EVALUATE:
@@ -189,3 +192,31 @@ def test_a_real_flower_simulation_trains_the_forecaster_per_site(tmp_path):
     assert run.info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "clients_replied")] == [3, 3]
     assert {f"site{s}_test_mase" for s in range(3)} <= set(run.data.metrics)
+
+
+# ------------------------------------------------------------ DP-SGD (Opacus)
+
+
+def test_dp_sgd_forecasting_reports_each_sites_epsilon_and_respects_the_budget(tracking_uri):
+    # Prepare: a budget one round of DP-SGD fits in but two do not. 290 windows
+    # per site, batch 64: Opacus samples at q = 1/ceil(290/64) = 0.2, 5 steps per
+    # round; sigma 1.0, delta 1e-5 -> RDP epsilon 4.544 after one round, 5.754 after two.
+    cfg = compose_config([*SMALL, "privacy=dpsgd", "privacy.dpsgd.epsilon_budget=5.5"])
+    # Execute
+    final = run_experiment(FakeGrid(range(4), forecast_client()), cfg, tracking_uri)
+    # Assert
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and np.isfinite(final["test_mase"])
+    eps = {p: [m.value for m in sorted(client.get_metric_history(run.info.run_id, f"epsilon_p{p}"),
+                                       key=lambda m: m.step)] for p in range(4)}
+    declined = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "clients_declined"),
+                                        key=lambda m: m.step)]
+    assert all(e[0] == pytest.approx(4.5445, abs=1e-4) for e in eps.values())
+    assert all(e[-1] <= 5.5 for e in eps.values())  # never beyond the budget
+    assert declined[0] == 0 and declined[-1] == 4  # round 2 would exceed it: every site declines
+
+
+def test_dp_sgd_with_an_lstm_is_refused():
+    with pytest.raises(ConfigError, match=r"privacy=dpsgd with task.model=lstm"):
+        compose_config(["task=workload", "task.model=lstm", "privacy=dpsgd"])
