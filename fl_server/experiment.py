@@ -182,8 +182,10 @@ def checkpoint_then_log(
     that dies between the two logs the round when it resumes; one that dies
     before the checkpoint re-runs the round: no round is lost or logged twice."""
     history.append({"round": server_round, **metrics})
-    if server_round > 0:
+    if server_round > 0 and checkpoints.enabled:
+        started = time.perf_counter()
         checkpoints.save(tracker.run_id, server_round, driver, driver.strategy, history)
+        metrics = {**metrics, "checkpoint_save_s": time.perf_counter() - started}
     tracker.log_metrics(metrics, step=server_round)
     tracker.start_writing()  # round 1 is dispatched next: the server idles
 
