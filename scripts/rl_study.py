@@ -34,9 +34,11 @@ ARMS = {  # arm -> task overrides (strategy=fedavgm for all learned arms)
     "marl": ["task.federated=false"],
     "noshield": ["task.shield=false"],
     "nofc": ["task.use_forecast=false"],
+    "vdn": ["task.mixer=vdn"],  # --algo qmix only
 }
 ARM_TITLES = {"heuristic": "Heuristic (HPA + FFD)", "mpc": "Forecast-only MPC", "marl": "Non-federated MARL",
-              "mafl": "MA-FL (ours)", "noshield": "MA-FL, no shield", "nofc": "MA-FL, no forecaster"}
+              "mafl": "MA-FL (ours)", "noshield": "MA-FL, no shield", "nofc": "MA-FL, no forecaster",
+              "vdn": "MA-FL, VDN mixer"}
 COLUMNS = (  # (key, title, scale, decimals)
     ("gpu_util", "GPU util. (%)", 100.0, 1), ("cpu_util", "CPU util. (%)", 100.0, 1),
     ("fragmentation", "Fragm. (%)", 100.0, 1), ("p95_ms", "p95 (ms)", 1.0, 0), ("p99_ms", "p99 (ms)", 1.0, 0),
@@ -174,7 +176,8 @@ def ablation_table(results: dict[str, list[dict[str, float]]]) -> str:
     base = {k: np.mean([r[k] for r in results["mafl"]]) for k in ("p95_ms", "energy_j_per_request", "slo_violation_rate")}
     lines = ["| Variant | Δp95 vs MA-FL (ms) | ΔEnergy (J/req) | Violations (Δ% rel.) | Rounds to 95 % of best |",
              "|---|---|---|---|---|"]
-    for arm, title in (("marl", "No FL (MARL only)"), ("noshield", "No safety shield"), ("nofc", "No forecaster"), ("mafl", "MA-FL (ours)")):
+    for arm, title in (("marl", "No FL (MARL only)"), ("noshield", "No safety shield"), ("nofc", "No forecaster"),
+                       ("vdn", "VDN instead of QMIX"), ("mafl", "MA-FL (ours)")):
         if arm not in results:
             continue
         runs = results[arm]
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episode-s", type=float, default=288.0)
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--algo", default="ppo", choices=("ppo", "qmix"))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["mafl", "marl", "noshield", "nofc"], choices=list(ARMS))
     parser.add_argument("--experiment", default="fedcontinuum-rl-study")
     args = parser.parse_args(argv)
 
