@@ -30,12 +30,18 @@ from fl_server.superlink import FLWR_STATE_DIR, LocalSuperLink
 from tests.conftest import run_module, sqlite_uri
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def _gone(pid: int, wait_s: float = 15.0) -> bool:
+    """Whether the process group ``pid`` is gone; SIGKILL is asynchronous and
+    orphans are reaped by init, so give the kernel a moment."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def _processes_mentioning(text: str) -> list[int]:
