@@ -111,6 +111,11 @@ def compose_config(
         raise _explain_composition_error(err, override_list) from None
     except Exception as err:  # omegaconf errors for keys not in struct
         raise _explain_composition_error(err, override_list) from None
+    preferred = cfg.task.get("default_strategy")
+    if preferred and not any(o.lstrip("+~").split("=")[0] == "strategy" for o in override_list):
+        # A task may name its own default strategy (RL agents: FedAvgM, paper
+        # 001 §4.3); Hydra's defaults list cannot let one group pick another's.
+        return compose_config([f"strategy={preferred}", *override_list], project_dir)
     return finalize_config(cfg, project_dir)
 
 

@@ -80,3 +80,10 @@ def test_launcher_rejects_bad_input_before_starting_anything(args, message):
     assert message in output
     assert "Traceback" not in output
     assert "SuperLink" not in output  # nothing was started
+
+
+def test_rl_tasks_default_to_fedavgm_unless_a_strategy_is_given():
+    assert compose_config(["task=ppo"]).strategy.name == "fedavgm"
+    assert compose_config(["task=ppo"]).strategy.server_momentum == 0.9
+    assert compose_config(["task=ppo", "strategy=staleness_clustered"]).strategy.name == "staleness_clustered"
+    assert compose_config([]).strategy.name == "fedavg"  # image tasks keep FedAvg
