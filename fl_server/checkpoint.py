@@ -298,6 +298,14 @@ class RunCheckpoints:
 
         return restore
 
+    def run(self, driver, fresh_arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:
+        """``driver.run`` from round 1 with ``fresh_arrays``, or from the
+        checkpoint's next round with its arrays and state."""
+        return driver.run(
+            self.initial_arrays(fresh_arrays), num_rounds=num_rounds,
+            start_round=self.start_round, on_ready=self.on_ready(driver.strategy),
+        )
+
     def save(self, run_id: str, server_round: int, driver, strategy: Strategy, history: list[dict[str, Any]]) -> None:
         """Checkpoint the round that just completed (call before logging it)."""
         if not self.enabled or server_round < 1:

@@ -17,15 +17,15 @@ sending and receiving plain models; this wrapper
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fl_clients import compression as comp
+from fl_server.rounds import GridWrapper
 
 
-class AccountingGrid(Grid):
+class AccountingGrid(GridWrapper):
     """A Grid that accounts (and optionally compresses) training traffic.
 
     Parameters
@@ -37,7 +37,7 @@ class AccountingGrid(Grid):
     """
 
     def __init__(self, grid: Grid, settings: comp.CompressionSettings | None = None) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.settings = settings
         self.views: dict[int, tuple[comp.Tensors, int]] = {}  # node -> (model it holds, version)
         self._round = {"uplink_bytes": 0, "downlink_bytes": 0}
@@ -113,29 +113,6 @@ class AccountingGrid(Grid):
             return
         reference = comp.tensors(sent)
         reply.content["arrays"] = comp.to_record(comp.add(reference, comp.decode(record, reference)))
-
-    # ------------------------------------------------ Grid's interface, delegated
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def set_run(self, run_id: int) -> None:
-        self._grid.set_run(run_id)
-
-    @property
-    def run(self):  # noqa: D401
-        return self._grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
 
 def _is_training(msg: Message) -> bool:

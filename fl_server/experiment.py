@@ -241,12 +241,7 @@ def _run_tracked(
         **fault_handling.driver_settings(cfg, tracker),  # min_replies, retries, failure log
         **driver_extra,
     )
-    final_arrays = driver.run(
-        checkpoints.initial_arrays(ArrayRecord(model.state_dict())),
-        num_rounds=int(cfg.num_rounds),
-        start_round=checkpoints.start_round,
-        on_ready=checkpoints.on_ready(driver.strategy),
-    )
+    final_arrays = checkpoints.run(driver, ArrayRecord(model.state_dict()), int(cfg.num_rounds))
 
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
     tracker.log_figure(lambda: _accuracy_plot(history, run_name), "plots/accuracy_vs_round.png")

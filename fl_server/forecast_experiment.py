@@ -151,12 +151,7 @@ def run_forecast_tracked(
         min_train=int(cfg.clients.min_train),
         **fault_handling.driver_settings(cfg, tracker),  # min_replies, retries, failure log
     )
-    final_arrays = driver.run(
-        checkpoints.initial_arrays(ArrayRecord(model.state_dict())),
-        num_rounds=int(cfg.num_rounds),
-        start_round=checkpoints.start_round,
-        on_ready=checkpoints.on_ready(driver.strategy),
-    )
+    final_arrays = checkpoints.run(driver, ArrayRecord(model.state_dict()), int(cfg.num_rounds))
 
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
     tracker.log_text(_site_table(history[-1], data, baselines), "report/site_metrics.md")

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 
 from fl_server import progress
 from fl_server.checkpoint import RunCheckpoints
-from fl_server.rounds import RoundDriver
+from fl_server.rounds import GridWrapper, RoundDriver
 from fl_server.tracking import RunTracker
 from fl_server.virtual_clock import VirtualClock
 from strategies import build_strategy
@@ -88,7 +88,7 @@ def rl_train_config(spec) -> ConfigRecord:
     return ConfigRecord({"rl-spec": spec.to_json(), "seed": int(spec.seed)})
 
 
-class ReplyRecorder(Grid):
+class ReplyRecorder(GridWrapper):
     """The Grid, keeping each partition's last trained weights (its training reply).
 
     The server needs them to evaluate what a site deploys when part or all of
@@ -96,7 +96,7 @@ class ReplyRecorder(Grid):
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.latest: dict[int, dict[str, Any]] = {}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -107,26 +107,6 @@ class ReplyRecorder(Grid):
             partition = int(reply.content["metrics"]["partition-id"])
             self.latest[partition] = reply.content["arrays"].to_torch_state_dict()
         return replies
-
-    # Grid's interface, delegated
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def set_run(self, run_id: int) -> None:
-        self._grid.set_run(run_id)
-
-    @property
-    def run(self):  # noqa: D401
-        return self._grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
 
 def build_model(spec, client: int = 0, seed: int | None = None):
@@ -190,12 +170,7 @@ def run_rl_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: s
         num_nodes=spec.num_clients,
         min_train=int(cfg.clients.min_train),
     )
-    final_arrays = driver.run(
-        checkpoints.initial_arrays(ArrayRecord(model.state_dict())),
-        num_rounds=int(cfg.num_rounds),
-        start_round=checkpoints.start_round,
-        on_ready=checkpoints.on_ready(driver.strategy),
-    )
+    final_arrays = checkpoints.run(driver, ArrayRecord(model.state_dict()), int(cfg.num_rounds))
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
     tracker.log_figure(lambda: learning_curves(history, run_name), "plots/learning_curves.png")
     if cfg.tracking.log_model:

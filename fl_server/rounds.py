@@ -126,20 +126,16 @@ class Availability(Protocol):
     def is_online(self, partition_id: int, virtual_time_s: float, server_round: int) -> bool: ...
 
 
-class _SamplingView(Grid):
-    """The Grid as a strategy should see it this round: only the nodes that
-    are online and not busy with an earlier update can be sampled."""
+class GridWrapper(Grid):
+    """A Grid that forwards everything to ``grid``: subclass it and override
+    only what changes (sampling views, byte accounting, reply recording)."""
 
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid, self._node_ids = grid, node_ids
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    # Grid's abstract interface, delegated
     def set_run(self, run_id: int) -> None:
         self._grid.set_run(run_id)
 
@@ -150,6 +146,9 @@ class _SamplingView(Grid):
     def create_message(self, *args: Any, **kwargs: Any) -> Message:
         return self._grid.create_message(*args, **kwargs)
 
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
 
@@ -158,6 +157,18 @@ class _SamplingView(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class _SamplingView(GridWrapper):
+    """The Grid as a strategy should see it this round: only the nodes that
+    are online and not busy with an earlier update can be sampled."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        super().__init__(grid)
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
 
 
 def discover_partitions(grid: Grid, expected: int, timeout_s: float) -> dict[int, int]:
