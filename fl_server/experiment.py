@@ -174,6 +174,21 @@ def start_tracking(cfg: DictConfig, tracker: RunTracker, checkpoints: RunCheckpo
     return history
 
 
+def driver_settings(cfg: DictConfig, tracker: RunTracker, num_clients: int,
+                    availability: "FleetAvailability | None" = None) -> dict[str, Any]:
+    """RoundDriver keyword arguments every task shares: round timeout, virtual
+    clock, device availability, federation size, sampling minimum, and fault
+    handling (min replies, bounded retries, failure log)."""
+    return {
+        "timeout_s": float(cfg.simulation.round_timeout_s),
+        "clock": VirtualClock(cfg.devices.deadline_s),
+        "fleet": availability if cfg.devices.availability else None,
+        "num_nodes": num_clients,
+        "min_train": int(cfg.clients.min_train),
+        **fault_handling.driver_settings(cfg, tracker),
+    }
+
+
 def checkpoint_then_log(
     tracker: RunTracker, checkpoints: RunCheckpoints, driver: RoundDriver, history: list[dict[str, Any]],
     server_round: int, metrics: dict[str, float],
@@ -233,12 +248,7 @@ def _run_tracked(
         train_config=train_config(cfg, spec),
         evaluate_fn=evaluate_global,
         on_round=on_round,
-        timeout_s=float(cfg.simulation.round_timeout_s),
-        clock=VirtualClock(cfg.devices.deadline_s),
-        fleet=FleetAvailability(fleet, devices, spec.seed) if cfg.devices.availability else None,
-        num_nodes=spec.num_clients,
-        min_train=int(cfg.clients.min_train),
-        **fault_handling.driver_settings(cfg, tracker),  # min_replies, retries, failure log
+        **driver_settings(cfg, tracker, spec.num_clients, FleetAvailability(fleet, devices, spec.seed)),
         **driver_extra,
     )
     final_arrays = checkpoints.run(driver, ArrayRecord(model.state_dict()), int(cfg.num_rounds))

@@ -23,11 +23,10 @@ from fl_clients.devices import Fleet, check_memory, forecaster_costs
 from fl_clients.forecast_task import evaluate_baselines, evaluate_forecaster, predict
 from fl_clients.forecasters import build_forecaster
 from fl_datasets.forecast_data import FederatedForecastData, ForecastSpec, build_forecast_data
-from fl_server import fault_handling, progress, protection
+from fl_server import progress, protection
 from fl_server.checkpoint import RunCheckpoints
 from fl_server.rounds import RoundDriver
 from fl_server.tracking import RunTracker
-from fl_server.virtual_clock import VirtualClock
 from strategies import build_strategy
 
 METRICS = ("mae", "rmse", "smape", "mase")
@@ -106,7 +105,9 @@ def run_forecast_tracked(
     grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints
 ) -> dict[str, float]:
     """Drive the federated forecasting rounds and record everything."""
-    from fl_server.experiment import FleetAvailability, _history_csv, checkpoint_then_log, start_tracking
+    from fl_server.experiment import (
+        FleetAvailability, _history_csv, checkpoint_then_log, driver_settings, start_tracking,
+    )
 
     started = time.perf_counter()
     history = start_tracking(cfg, tracker, checkpoints)
@@ -144,12 +145,7 @@ def run_forecast_tracked(
         train_config=forecast_train_config(cfg, spec),
         evaluate_fn=evaluate_global,
         on_round=on_round,
-        timeout_s=float(cfg.simulation.round_timeout_s),
-        clock=VirtualClock(cfg.devices.deadline_s),
-        fleet=FleetAvailability(fleet, devices, spec.seed) if cfg.devices.availability else None,
-        num_nodes=spec.num_clients,
-        min_train=int(cfg.clients.min_train),
-        **fault_handling.driver_settings(cfg, tracker),  # min_replies, retries, failure log
+        **driver_settings(cfg, tracker, spec.num_clients, FleetAvailability(fleet, devices, spec.seed)),
     )
     final_arrays = checkpoints.run(driver, ArrayRecord(model.state_dict()), int(cfg.num_rounds))
 

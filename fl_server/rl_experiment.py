@@ -34,7 +34,6 @@ from fl_server import progress
 from fl_server.checkpoint import RunCheckpoints
 from fl_server.rounds import GridWrapper, RoundDriver
 from fl_server.tracking import RunTracker
-from fl_server.virtual_clock import VirtualClock
 from strategies import build_strategy
 
 # twin summary keys logged as eval_<key> every round (paper 001 Tables 1-3 + learning signals)
@@ -136,7 +135,7 @@ def run_rl_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: s
 
     from fl_clients.rl.deploy import evaluate_deployment
     from fl_clients.rl.spec import RLSpec
-    from fl_server.experiment import _history_csv, checkpoint_then_log, start_tracking
+    from fl_server.experiment import _history_csv, checkpoint_then_log, driver_settings, start_tracking
 
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -165,10 +164,7 @@ def run_rl_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: s
         train_config=rl_train_config(spec),
         evaluate_fn=evaluate_global,
         on_round=on_round,
-        timeout_s=float(cfg.simulation.round_timeout_s),
-        clock=VirtualClock(cfg.devices.deadline_s),
-        num_nodes=spec.num_clients,
-        min_train=int(cfg.clients.min_train),
+        **driver_settings(cfg, tracker, spec.num_clients),  # incl. fault handling, as every task
     )
     final_arrays = checkpoints.run(driver, ArrayRecord(model.state_dict()), int(cfg.num_rounds))
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
