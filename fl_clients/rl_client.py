@@ -23,11 +23,12 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fl_clients.rl.spec import RLSpec, client_seed
+from fl_clients.rl.spec import RLSpec, client_seed, install_forecaster
 
 # TorchRL loads only when an RL message arrives (the ClientApp serves every task).
 
 LOCAL_KEY = "rl-local"  # context.state: this client's last trained weights
+FORECASTER_KEY = "rl-forecaster"  # ConfigRecord: a trained forecaster's bytes (task.forecaster=federated:...)
 
 
 def is_rl_message(config: ConfigRecord) -> bool:
@@ -64,6 +65,13 @@ def _partition(context: Context, spec: RLSpec) -> int:
     return partition_id
 
 
+def _spec(config: ConfigRecord) -> RLSpec:
+    """The run's spec, with its trained forecaster (if any) installed in this process."""
+    spec = RLSpec.from_json(str(config["rl-spec"]))
+    install_forecaster(spec, config[FORECASTER_KEY] if FORECASTER_KEY in config else None)
+    return spec
+
+
 def _model(spec: RLSpec, partition_id: int) -> torch.nn.Module:
     from fl_clients.rl import ppo, qmix
 
@@ -81,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     from fl_clients.rl import ppo, qmix
 
     config = msg.content["config"]
-    spec = RLSpec.from_json(str(config["rl-spec"]))
+    spec = _spec(config)
     partition_id = _partition(context, spec)
     server_round = int(config["server-round"])
     model = _model(spec, partition_id)
@@ -112,7 +120,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fl_clients.rl.deploy import evaluate_deployment
 
     config = msg.content["config"]
-    spec = RLSpec.from_json(str(config["rl-spec"]))
+    spec = _spec(config)
     partition_id = _partition(context, spec)
     model = _model(spec, partition_id)
     model.load_state_dict(deployed_state(spec, msg.content["arrays"].to_torch_state_dict(), _local_state(context)))

@@ -15,6 +15,7 @@ back, so the model only needs the shape of the series, not its scale.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,24 @@ class TrainedForecaster:
     window: int
     horizon: int
     run_id: str = ""
+    kind: str = "tcn"
+    level_steps: int | None = None
+
+    def to_bytes(self) -> bytes:
+        """The model and what rebuilds it, for a Flower ConfigRecord (RL clients get it that way)."""
+        buffer = io.BytesIO()
+        torch.save({"kind": self.kind, "window": self.window, "horizon": self.horizon, "run_id": self.run_id,
+                    "level_steps": self.level_steps, "state": self.model.state_dict()}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "TrainedForecaster":
+        """Inverse of :meth:`to_bytes`."""
+        raw = torch.load(io.BytesIO(blob), weights_only=True)
+        model = build_forecaster(raw["kind"], in_channels=1, horizon=raw["horizon"], level_steps=raw["level_steps"])
+        model.load_state_dict(raw["state"])
+        return cls(model=model.eval(), window=raw["window"], horizon=raw["horizon"], run_id=raw["run_id"],
+                   kind=raw["kind"], level_steps=raw["level_steps"])
 
     def forecast_fn(self, horizon: int | None = None) -> ForecastFn:
         """``history (N, L, 1) -> (N, horizon)``; ``horizon`` <= the trained H."""
@@ -90,11 +109,10 @@ def load_from_mlflow(run_id: str, tracking_uri: str) -> TrainedForecaster:
         raise ValueError(f"MLflow run {run_id} forecasts {columns}; the twin's demand is one series: "
                          "use a run with task.columns=[cpu_usage_pct]")
     window, horizon = int(params["task.window"]), int(params["task.horizon"])
-    model = build_forecaster(
-        params["task.model"], in_channels=1, horizon=horizon,
-        level_steps=window if params["task.level_centred"] == "True" else None,
-    )
+    level_steps = window if params["task.level_centred"] == "True" else None
+    model = build_forecaster(params["task.model"], in_channels=1, horizon=horizon, level_steps=level_steps)
     path = Path(client.download_artifacts(run_id, "model/final_state_dict.pt"))
     model.load_state_dict(torch.load(path, weights_only=True))
     model.eval()
-    return TrainedForecaster(model=model, window=window, horizon=horizon, run_id=run_id)
+    return TrainedForecaster(model=model, window=window, horizon=horizon, run_id=run_id,
+                             kind=params["task.model"], level_steps=level_steps)

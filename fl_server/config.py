@@ -485,14 +485,23 @@ def _validate_secagg(cfg: DictConfig, secagg: DictConfig) -> None:
 
 def _validate_rl(cfg: DictConfig) -> None:
     """PPO / QMIX agents in the twin (conf/task/ppo.yaml, qmix.yaml)."""
-    from fl_clients.rl.spec import FAULT_SCENARIOS
+    from fl_clients.rl.spec import FAULT_SCENARIOS, check_forecaster_name
 
     task = cfg.task
+    try:
+        check_forecaster_name(str(task.get("forecaster", "seasonal-naive")))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _require(cfg.strategy.name not in ("ass", "krum"),
              f"strategy={cfg.strategy.name} does not fit task={task.name}: ass needs per-class accuracy and "
              "krum a Byzantine model; use fedavgm (paper 001), fedavg or staleness_clustered")
     _require(task.algo in ("ppo", "qmix"), f"task.algo={task.algo} is unknown: use ppo or qmix")
     _require(task.get("mixer", "qmix") in ("qmix", "vdn"), f"task.mixer={task.get('mixer')} is unknown: use qmix or vdn")
+    _require(task.algo == "qmix" or task.get("mixer", "qmix") == "qmix",
+             f"task.mixer={task.get('mixer')} (+arm=vdn) needs task=qmix; task={task.name} has no mixer")
+    _require(task.algo == "ppo" or not task.get("personal_head", False),
+             f"task.personal_head=true (+arm=ph) needs task=ppo; task={task.name} keeps its mixer local instead "
+             "(task.local_mixer)")
     _require(task.faults == "default" or task.faults in FAULT_SCENARIOS,
              f"task.faults={task.faults} is unknown: use default or one of {', '.join(FAULT_SCENARIOS)}")
     _require(task.background in ("heuristic", "hold"),

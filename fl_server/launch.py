@@ -86,6 +86,9 @@ def preflight(cfg: DictConfig, cache_dir: Path | None = None) -> None:
         build_forecast_data(ForecastSpec.from_config(cfg))  # also caches parsed traces
         return
     if cfg.task.get("kind", "image") == "rl":  # the twin scenario was built by validate_config
+        from fl_clients.rl.spec import RLSpec, forecaster_payload
+
+        forecaster_payload(RLSpec.from_config(cfg), default_tracking_uri())  # a trained forecaster must load
         return
     build_image_data(DataSpec.from_config(cfg))
     # The devices' memory check needs torch (~2 s to import here); the

@@ -12,6 +12,10 @@ global trunk with each site's personal head / local mixer, or each site's
 own weights (``federated: false``, the non-federated MARL arm); the latter
 two come from the clients' last replies.
 
+After the last round, the deployed agents are scored under the paper-000
+fault scenarios, next to the heuristic and forecast-MPC baselines on the
+same seeds (:mod:`fl_server.rl_evaluation`, ``task.final_study``).
+
 Artifacts: the policy after every round (``policy/round_NNN.pt``), the
 rounds table, learning curves. Every round is checkpointed
 (:class:`fl_server.checkpoint.RunCheckpoints`), so ``checkpoint.resume=<run id>``
@@ -75,6 +79,7 @@ def rl_tags(cfg: DictConfig) -> dict[str, str]:
         "federated": str(bool(task.federated)).lower(),
         "shield": str(bool(task.shield)).lower(),
         "use_forecast": str(bool(task.use_forecast)).lower(),
+        "forecaster": str(task.get("forecaster", "seasonal-naive")) if task.use_forecast else "none",
         "faults": str(task.faults),
         "strategy": cfg.strategy.name,
         "clients": str(cfg.clients.num),
@@ -82,9 +87,14 @@ def rl_tags(cfg: DictConfig) -> dict[str, str]:
     }
 
 
-def rl_train_config(spec) -> ConfigRecord:
-    """The ConfigRecord every RL client receives."""
-    return ConfigRecord({"rl-spec": spec.to_json(), "seed": int(spec.seed)})
+def rl_train_config(spec, forecaster: bytes | None = None) -> ConfigRecord:
+    """The ConfigRecord every RL client receives (with the trained forecaster's bytes, if any)."""
+    from fl_clients.rl_client import FORECASTER_KEY
+
+    config = ConfigRecord({"rl-spec": spec.to_json(), "seed": int(spec.seed)})
+    if forecaster is not None:
+        config[FORECASTER_KEY] = forecaster
+    return config
 
 
 class ReplyRecorder(GridWrapper):
@@ -134,13 +144,15 @@ def run_rl_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: s
     import torch
 
     from fl_clients.rl.deploy import evaluate_deployment
-    from fl_clients.rl.spec import RLSpec
+    from fl_clients.rl.spec import RLSpec, forecaster_payload
     from fl_server.experiment import _history_csv, checkpoint_then_log, driver_settings, start_tracking
+    from fl_server.rl_evaluation import final_study
 
     started = time.perf_counter()
     torch.set_num_threads(1)
     history = start_tracking(cfg, tracker, checkpoints)
     spec = RLSpec.from_config(cfg)
+    forecaster = forecaster_payload(spec, tracker.tracking_uri)  # also installs it for the server's evaluation
     if not checkpoints.resumed:
         tracker.log_text(json.dumps(json.loads(spec.to_json()), indent=2), "config/rl_spec.json")
     recorder = ReplyRecorder(grid)
@@ -161,7 +173,7 @@ def run_rl_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: s
     driver = RoundDriver(
         strategy=build_strategy(cfg),
         grid=recorder,
-        train_config=rl_train_config(spec),
+        train_config=rl_train_config(spec, forecaster),
         evaluate_fn=evaluate_global,
         on_round=on_round,
         **driver_settings(cfg, tracker, spec.num_clients),  # incl. fault handling, as every task
@@ -173,6 +185,11 @@ def run_rl_tracked(grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: s
         tracker.log_torch_state(final_arrays.to_torch_state_dict(), "model/final_state_dict.pt")
     final = {k: history[-1][k] for k in HEADLINE if k in history[-1]}
     final["rounds_to_95pct_best"] = float(rounds_to_fraction_of_best([row.get("eval_return", np.nan) for row in history]))
+    if cfg.task.get("final_study", True):  # fault scenarios and baselines on the held-out seeds
+        study_started = time.perf_counter()
+        agents = deployed_agents(spec, final_arrays.to_torch_state_dict(), recorder.latest)
+        tracker.log_metrics(final_study(spec, agents), step=int(cfg.num_rounds))
+        final["final_study_s"] = time.perf_counter() - study_started
     final["wall_time_s"] = time.perf_counter() - started
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=int(cfg.num_rounds))
     tracker.finish()

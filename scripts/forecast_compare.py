@@ -25,7 +25,6 @@ import argparse
 import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig

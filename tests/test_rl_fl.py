@@ -5,6 +5,7 @@ each through the launcher."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -116,6 +117,10 @@ def test_an_interrupted_rl_run_resumes_from_its_last_checkpoint(tracking_uri, tm
         (["task=qmix", "task.mixer=sum"], r"task.mixer=sum is unknown"),
         (["task=ppo", "task.faults=quake"], r"task.faults=quake is unknown"),
         (["task=ppo", "strategy=ass"], r"strategy=ass does not fit task=ppo"),
+        (["task=ppo", "task.forecaster=tcn"], r"task.forecaster=tcn is unknown: use seasonal-naive or federated:"),
+        (["task=ppo", "+arm=vdn"], r"task.mixer=vdn \(\+arm=vdn\) needs task=qmix"),
+        (["task=qmix", "clients.num=3", "+arm=ph"], r"task.personal_head=true \(\+arm=ph\) needs task=ppo"),
+        (["task=ppo", "+arm=nofl"], r"unknown arm 'nofl': choose one of mafl, marl, nofc, noshield, ph, vdn"),
     ],
 )
 def test_bad_rl_config_is_one_clear_error(overrides, match):
@@ -137,3 +142,56 @@ def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["algo"] == task
     assert [m.value for m in client.get_metric_history(run.info.run_id, "clients_replied")] == [clients, clients]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_return")] == [0, 1, 2]
+
+
+def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(tracking_uri, tmp_path):
+    # Prepare: a logged forecasting run (window 48, horizon 6) as task.forecaster
+    from fl_clients import rl_client
+    from fl_clients.rl import spec as rl_spec
+    from fl_clients.trained_forecaster import load_from_mlflow
+    from tests.test_trained_forecaster import logged_forecasting_run
+
+    run_id, _ = logged_forecasting_run(tracking_uri)
+    cfg = compose_config(["task=ppo", "clients.num=2", *TINY, "num_rounds=1", f"task.forecaster=federated:{run_id}",
+                          f"checkpoint.dir={tmp_path}"])
+    grid, _ = persistent_clients(2)
+    # Execute
+    run_experiment(grid, cfg, tracking_uri)
+    # Assert: every training message carries the model; a fresh process rebuilds the same forecaster from it
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert train and all(rl_client.FORECASTER_KEY in m.content["config"] for m in train)
+    rl_spec._INSTALLED.clear()  # as in a new Ray worker
+    spec = rl_client._spec(train[0].content["config"])
+    history = np.abs(np.random.default_rng(1).normal(20, 5, size=(12, 300, 1)))
+    expected = load_from_mlflow(run_id, tracking_uri).forecast_fn(rl_spec.FORECAST_HORIZON)(history)
+    np.testing.assert_array_equal(rl_spec.forecast_fn(spec)(history), expected)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.kind = 'rl'")
+    assert run.info.status == "FINISHED" and run.data.tags["forecaster"] == f"federated:{run_id}"
+
+
+def test_an_rl_run_ends_with_fault_scenarios_and_baselines(tracking_uri, tmp_path):
+    # Prepare
+    from fl_server.rl_evaluation import BASELINE_KEYS, BASELINES, FAULT_MEASURES, FAULTS
+
+    cfg = compose_config(["task=ppo", "clients.num=2", *TINY, "num_rounds=1", f"checkpoint.dir={tmp_path}"])
+    # Execute
+    run_experiment(persistent_clients(2)[0], cfg, tracking_uri)
+    # Assert: every study figure is a metric of the run
+    _, run = only_run(tracking_uri)
+    metrics = run.data.metrics
+    for fault in FAULTS:
+        for measure in FAULT_MEASURES:
+            assert f"fault_{fault}_{measure}" in metrics and f"baseline_heuristic_fault_{fault}_{measure}" in metrics
+        assert 0 <= metrics[f"fault_{fault}_completion"] <= 1 and 0 <= metrics[f"fault_{fault}_drift"] <= 1
+    assert metrics["fault_none_drift"] == 0.0  # the fault-free episode is the reference
+    assert {f"baseline_{b}_{k}" for b in BASELINES for k in BASELINE_KEYS} <= set(metrics)
+    assert metrics["final_final_study_s"] > 0
+
+
+def test_an_unknown_forecasting_run_is_one_clear_error(tracking_uri):
+    from fl_clients.rl.spec import RLSpec, forecaster_payload
+
+    cfg = compose_config(["task=ppo", "task.forecaster=federated:0123456789abcdef"])
+    with pytest.raises(ValueError, match=r"federated:0123456789abcdef: no such MLflow run"):
+        forecaster_payload(RLSpec.from_config(cfg), tracking_uri)

@@ -7,7 +7,7 @@ import pytest
 
 from fl_clients.forecast_task import predict
 from fl_clients.forecasters import build_forecaster
-from fl_clients.trained_forecaster import load_from_mlflow
+from fl_clients.trained_forecaster import TrainedForecaster, load_from_mlflow
 from fl_server.config import compose_config, flatten
 from fl_server.tracking import RunTracker
 
@@ -50,3 +50,15 @@ def test_a_longer_horizon_than_trained_is_refused(tracking_uri):
     run_id, _ = logged_forecasting_run(tracking_uri)
     with pytest.raises(ValueError, match=r"horizon=7: this forecaster predicts 1..6 steps"):
         load_from_mlflow(run_id, tracking_uri).forecast_fn(7)
+
+
+def test_bytes_round_trip_gives_the_same_forecasts(tracking_uri):
+    # Prepare
+    run_id, _ = logged_forecasting_run(tracking_uri)
+    loaded = load_from_mlflow(run_id, tracking_uri)
+    history = np.abs(np.random.default_rng(0).normal(50, 10, size=(3, 80, 1)))
+    # Execute
+    shipped = TrainedForecaster.from_bytes(loaded.to_bytes())
+    # Assert
+    assert (shipped.window, shipped.horizon, shipped.run_id, shipped.kind) == (48, 6, run_id, "tcn")
+    np.testing.assert_array_equal(shipped.forecast_fn(6)(history), loaded.forecast_fn(6)(history))

@@ -69,7 +69,11 @@ class RLSpec:
     mixer : str
         ``qmix`` or ``vdn``.
     use_forecast : bool
-        Observations carry a seasonal-naive forecast of the next intervals.
+        Observations carry a forecast of the next intervals' demand.
+    forecaster : str
+        ``seasonal-naive`` (one day) or ``federated:<MLflow run id>`` (a
+        trained forecasting run, ``task=bitbrains``). The server loads the
+        latter and ships it in every message (:func:`forecaster_payload`).
     shield : bool
         False lifts the shield's policy guards (:data:`NO_SHIELD_OVERRIDES`).
     faults : str
@@ -98,6 +102,7 @@ class RLSpec:
     local_mixer: bool = False
     mixer: str = "qmix"
     use_forecast: bool = True
+    forecaster: str = "seasonal-naive"
     shield: bool = True
     faults: str = "default"
     background: str = "heuristic"
@@ -123,6 +128,7 @@ class RLSpec:
             local_mixer=bool(task.get("local_mixer", False)),
             mixer=str(task.get("mixer", "qmix")),
             use_forecast=bool(task.use_forecast),
+            forecaster=str(task.get("forecaster", "seasonal-naive")),
             shield=bool(task.shield),
             faults=str(task.faults),
             background=str(task.background),
@@ -207,13 +213,56 @@ def build_scenario(spec: RLSpec, faults: str | None = None) -> Scenario:
     return _scenario_cached(spec.scenario, float(spec.episode_s), faults or spec.faults, bool(spec.shield), spec.trace_dir)
 
 
+SEASONAL_NAIVE = "seasonal-naive"
+FEDERATED_PREFIX = "federated:"
+_INSTALLED: dict[str, Any] = {}  # "federated:<run id>" -> TrainedForecaster, per process
+
+
+def check_forecaster_name(name: str) -> None:
+    if name != SEASONAL_NAIVE and not (name.startswith(FEDERATED_PREFIX) and len(name) > len(FEDERATED_PREFIX)):
+        raise ValueError(f"task.forecaster={name} is unknown: use {SEASONAL_NAIVE} or "
+                         f"{FEDERATED_PREFIX}<MLflow run id of a task=bitbrains run>")
+
+
+def forecaster_payload(spec: RLSpec, tracking_uri: str) -> bytes | None:
+    """Server side: the trained forecaster of ``spec`` as bytes for the clients (None: nothing to ship).
+
+    Clients get the weights in the message rather than reading MLflow, so
+    SuperNodes on other machines work too; ~90 kB for the TCN.
+    """
+    if not spec.use_forecast or spec.forecaster == SEASONAL_NAIVE:
+        return None
+    from fl_clients.trained_forecaster import load_from_mlflow
+
+    trained = load_from_mlflow(spec.forecaster[len(FEDERATED_PREFIX):], tracking_uri)
+    if trained.horizon < FORECAST_HORIZON:
+        raise ValueError(f"task.forecaster={spec.forecaster} predicts {trained.horizon} steps; the observations "
+                         f"need {FORECAST_HORIZON}: train it with task.horizon>={FORECAST_HORIZON}")
+    _INSTALLED[spec.forecaster] = trained
+    return trained.to_bytes()
+
+
+def install_forecaster(spec: RLSpec, payload: bytes | None) -> None:
+    """Client side: make ``spec``'s trained forecaster available to :func:`forecast_fn` (once per process)."""
+    if payload is None or spec.forecaster in _INSTALLED:
+        return
+    from fl_clients.trained_forecaster import TrainedForecaster
+
+    _INSTALLED[spec.forecaster] = TrainedForecaster.from_bytes(payload)
+
+
 def forecast_fn(spec: RLSpec) -> Callable | None:
-    """The observation's forecaster: seasonal-naive over one day (as the MPC baseline), or none."""
+    """The observation's forecaster: seasonal-naive over one day (as the MPC baseline), a trained one, or none."""
     if not spec.use_forecast:
         return None
-    from edgesim.baselines import seasonal_naive_fn
+    if spec.forecaster == SEASONAL_NAIVE:
+        from edgesim.baselines import seasonal_naive_fn
 
-    return seasonal_naive_fn(FORECAST_HORIZON, FORECAST_SEASON)
+        return seasonal_naive_fn(FORECAST_HORIZON, FORECAST_SEASON)
+    if spec.forecaster not in _INSTALLED:
+        raise ValueError(f"task.forecaster={spec.forecaster} was not shipped with the message "
+                         "(forecaster_payload on the server, install_forecaster on the client)")
+    return _INSTALLED[spec.forecaster].forecast_fn(FORECAST_HORIZON)
 
 
 def background_policy(spec: RLSpec):
