@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
@@ -104,8 +105,11 @@ def compose_config(
     """
     override_list = split_overrides(overrides)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        if GlobalHydra.instance().is_initialized():  # inside a @hydra.main job (a sweep), whose conf/ this is
             cfg = compose(config_name="config", overrides=override_list)
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=override_list)
     except (ConfigCompositionException, MissingConfigException, ValueError) as err:
         # hydra's OverrideParseException is a ValueError subclass (e.g. "a=")
         raise _explain_composition_error(err, override_list) from None

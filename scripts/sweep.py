@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_server.config import finalize_config
+from fl_server.config import compose_config, finalize_config
 from fl_server.launch import JobOutcome, preflight, run_job
 from scripts.sweep_parent import PARENT_ENV, console, outcomes, shared_superlink
 
@@ -28,7 +28,8 @@ def main(job_cfg: DictConfig) -> float:
     """One sweep job: Hydra composed it from the overrides the ServerApp gets."""
     overrides = list(HydraConfig.get().overrides.task)
     try:
-        cfg = finalize_config(job_cfg)
+        # a task's own default strategy (RL: FedAvgM) is applied by compose_config, as the ServerApp does
+        cfg = compose_config(overrides) if job_cfg.task.get("default_strategy") else finalize_config(job_cfg)
         preflight(cfg, shared_superlink().cache_dir)
     except ValueError as err:  # ConfigError / DataError: report, keep sweeping
         console.print(f"[bold red]error:[/bold red] {' '.join(overrides)}: {err}", highlight=False)

@@ -75,13 +75,18 @@ def _finish_parent(parent_run_id: str, failed: list[JobOutcome], target: float |
     from mlflow.tracking import MlflowClient
 
     from scripts.report import accuracy_vs_rho_figure, child_runs, markdown, summarise
+    from scripts.rl_study import is_rl_sweep
+    from scripts.rl_study import report as rl_report
 
     client = MlflowClient(default_tracking_uri())
     try:
-        table = summarise(child_runs(client, parent_run_id, target))
-        text = markdown(table)
-        client.log_text(parent_run_id, text, "report/summary.md")
-        client.log_figure(parent_run_id, accuracy_vs_rho_figure(table), "report/accuracy_vs_rho.png")
+        if is_rl_sweep(client, parent_run_id):  # RL agents: the study tables (paper 001 / 000)
+            text = rl_report(client, parent_run_id)
+        else:
+            table = summarise(child_runs(client, parent_run_id, target))
+            text = markdown(table)
+            client.log_text(parent_run_id, text, "report/summary.md")
+            client.log_figure(parent_run_id, accuracy_vs_rho_figure(table), "report/accuracy_vs_rho.png")
         console.print(text, markup=False, highlight=False)
     except Exception as err:  # the parent must still be closed with its status
         console.print(f"[yellow]warning:[/yellow] sweep report failed: {err}")

@@ -132,7 +132,7 @@ def test_bad_rl_config_is_one_clear_error(overrides, match):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("task, clients", [("ppo", 2), ("qmix", 2)])
+@pytest.mark.parametrize("task, clients", [("qmix", 2)])  # PPO: tests/test_rl_study.py runs it in a sweep
 def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
     uri = sqlite_uri(tmp_path)
     result = run_module("fl_server.launch", f"task={task}", "strategy=fedavgm", f"clients.num={clients}", *TINY,

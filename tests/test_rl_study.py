@@ -1,0 +1,87 @@
+"""The RL study's tables from a sweep's child runs (hand-computed), and one real study sweep."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fl_server.rl_evaluation import FAULTS
+from scripts.rl_study import COLUMNS, ablation_table, arm_results, fault_results, main_table
+from tests.conftest import run_module, sqlite_uri
+
+
+def child(arm: str, seed: int, p95: float, viol: float, energy: float, rounds: float) -> dict:
+    """One finished run's row: eval_* metrics, baselines (on the MA-FL runs) and fault measures."""
+    row = {"arm": arm, "seed": str(seed), "run_id": f"{arm}{seed}", "algo": "ppo",
+           **{f"eval_{k}": 1.0 for k, *_ in COLUMNS}, "final_rounds_to_95pct_best": rounds}
+    row.update({"eval_p95_ms": p95, "eval_slo_violation_rate": viol, "eval_energy_j_per_request": energy})
+    row.update({f"baseline_{b}_{k}": 2.0 + seed for b in ("heuristic", "mpc") for k, *_ in COLUMNS})
+    for name in FAULTS:
+        row.update({f"fault_{name}_completion": 0.9, f"fault_{name}_drift": 0.1 * seed,
+                    f"fault_{name}_response_ms": 100.0, f"fault_{name}_slo_violation_rate": 0.2})
+        row.update({f"baseline_heuristic_fault_{name}_{m}": 0.5 for m in
+                    ("completion", "drift", "response_ms", "slo_violation_rate")})
+    return row
+
+
+@pytest.fixture
+def runs() -> pd.DataFrame:
+    return pd.DataFrame([
+        child("mafl", 0, p95=100.0, viol=0.10, energy=0.20, rounds=2),
+        child("mafl", 1, p95=200.0, viol=0.10, energy=0.40, rounds=4),
+        child("marl", 0, p95=400.0, viol=0.30, energy=0.50, rounds=5),
+        child("marl", 1, p95=600.0, viol=0.20, energy=0.50, rounds=5),
+    ])
+
+
+def test_tables_1_to_3_are_mean_and_sd_over_seeds(runs):
+    # Execute
+    results = arm_results(runs)
+    table = main_table(results).splitlines()
+    # Assert: methods in order; MA-FL p95 (100, 200) -> 150 ± 70.7; heuristic from the MA-FL runs: 2, 3 -> 2.5 ± 0.7
+    assert list(results) == ["heuristic", "mpc", "mafl", "marl"]
+    p95 = [t for _, t, *_ in COLUMNS].index("p95 (ms)") + 1
+    cells = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in table[2:]}
+    assert cells["MA-FL (ours)"][p95] == "150 ± 71"
+    assert cells["Non-federated MARL"][p95] == "500 ± 141"
+    assert cells["Heuristic (HPA + FFD)"][p95] == "2 ± 1"  # 2.5 ± 0.707 at 0 decimals
+
+
+def test_table_5_is_deltas_against_mafl(runs):
+    # Execute
+    table = ablation_table(arm_results(runs)).splitlines()
+    # Assert: p95 500 - 150 = +350; energy 0.50 - 0.30 = +0.200; violations 0.25 / 0.10 - 1 = +150 %; rounds 5 ± 0
+    assert table[2] == "| No FL (MARL only) | +350 | +0.200 | +150 % | 5.0 ± 0.0 |"
+    assert table[3] == "| MA-FL (ours) | +0 | +0.000 | +0 % | 3.0 ± 1.4 |"
+
+
+def test_fault_table_rows_come_from_each_arms_runs(runs):
+    faults = fault_results(runs)
+    assert list(faults) == ["heuristic", "mafl", "marl"]
+    assert [s["node10"]["drift"] for s in faults["mafl"]] == [0.0, 0.1]
+    assert faults["heuristic"][0]["none"] == {"completion": 0.5, "drift": 0.5, "response_ms": 0.5,
+                                              "slo_violation_rate": 0.5}
+
+
+@pytest.mark.e2e
+def test_a_study_is_one_hydra_multirun_with_the_report_on_its_parent(tmp_path):
+    # Prepare: 2 arms x 1 seed, tiny PPO (2 sites, 1 round, 60-s episodes)
+    uri = sqlite_uri(tmp_path)
+    # Execute
+    result = run_module("scripts.rl_study", "--algo", "ppo", "--seeds", "0", "--arms", "mafl", "marl", "--rounds", "1",
+                        "--steps", "64", "--episode-s", "60", "--clients", "2", "--out", str(tmp_path / "reports"),
+                        "task.eval_seeds=[7]", f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fedcontinuum-rl-study")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`fc.kind` = 'sweep'")
+    children = client.search_runs([exp.experiment_id], "tags.kind = 'rl'")
+    assert sorted(r.data.tags["arm"] for r in children) == ["mafl", "marl"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["strategy"] == "fedavgm" for r in children)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/rl_study.md", "report/learning_curves.png"} <= artifacts
+    (report,) = (tmp_path / "reports").glob("rl-study-*.md")
+    text = report.read_text()
+    assert "| MA-FL (ours) |" in text and "| No FL (MARL only) |" in text and "| Heuristic (HPA + FFD) | loss20 |" in text
