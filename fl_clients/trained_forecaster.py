@@ -99,7 +99,7 @@ def load_from_mlflow(run_id: str, tracking_uri: str) -> TrainedForecaster:
     try:
         run = client.get_run(run_id)
     except Exception as err:  # noqa: BLE001 - MLflow raises several types for "no such run"
-        raise ValueError(f"--forecaster federated:{run_id}: no such MLflow run at {tracking_uri} ({err})") from None
+        raise ValueError(f"forecaster federated:{run_id}: no such MLflow run at {tracking_uri} ({err})") from None
     params = run.data.params
     if params.get("task.kind") != "forecast":
         raise ValueError(f"MLflow run {run_id} is not a forecasting run (task.kind={params.get('task.kind')}): "

@@ -137,7 +137,8 @@ def run_config(overrides: list[str], tracking_uri: str, parent_run_id: str | Non
     for key, value in values.items():
         if '"' in value:
             raise ConfigError(f'{key} may not contain a double quote: {value}')
-        args += ["--run-config", f'{key}="{value}"']
+        # flwr parses each pair as TOML: a backslash (Hydra escapes ':' in sweep overrides) must be doubled
+        args += ["--run-config", f'{key}="{value.replace(chr(92), chr(92) * 2)}"']
     return args
 
 

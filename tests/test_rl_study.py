@@ -85,3 +85,16 @@ def test_a_study_is_one_hydra_multirun_with_the_report_on_its_parent(tmp_path):
     (report,) = (tmp_path / "reports").glob("rl-study-*.md")
     text = report.read_text()
     assert "| MA-FL (ours) |" in text and "| No FL (MARL only) |" in text and "| Heuristic (HPA + FFD) | loss20 |" in text
+
+
+def test_a_hydra_escaped_override_survives_flowers_run_config():
+    # Hydra hands sweep jobs 'task.forecaster=federated\:<id>'; flwr parses each --run-config pair as TOML
+    from flwr.common.config import parse_config_args
+
+    from fl_server.config import split_overrides
+    from fl_server.launch import run_config
+
+    overrides = ["task.forecaster=federated\\:abc123", "seed=1"]
+    args = run_config(overrides, "sqlite:///x.db", None)
+    parsed = parse_config_args([args[i + 1] for i in range(0, len(args), 2)])
+    assert split_overrides(parsed["overrides"]) == overrides
