@@ -21,7 +21,9 @@ as deltas against MA-FL with rounds to 95 % of best, the paper-000 Table 3
 fault scenarios, and a learning-curve plot. The report alone, for any RL
 sweep's parent run::
 
-    .venv/bin/python -m scripts.rl_study --report PARENT_RUN_ID
+    .venv/bin/python -m scripts.rl_study --report PARENT_RUN_ID [MORE_PARENT_RUN_IDS ...]
+
+(several parents: e.g. a later sweep that adds an arm; one set of tables).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from fl_server.rl_evaluation import FAULTS
 
@@ -89,8 +92,6 @@ def is_rl_sweep(client, parent_run_id: str) -> bool:
 
 def study_runs(client, parent_run_id: str, max_results: int = 10_000):
     """The finished RL child runs of a sweep: arm, seed, run id and all final metrics."""
-    import pandas as pd
-
     from fl_server.tracking import PARENT_TAG
 
     parent = client.get_run(parent_run_id)
@@ -216,20 +217,25 @@ def curve_figure(curves: dict[str, dict[str, np.ndarray]]):
     return fig
 
 
-def report(client, parent_run_id: str) -> str:
-    """The study's markdown report from a sweep's RL child runs, logged (with the plot) to the parent."""
-    runs = study_runs(client, parent_run_id)
+def report(client, parent_run_ids: str | list[str]) -> str:
+    """The study's markdown report from the RL child runs of one or more sweeps (e.g. a later sweep
+    that adds an arm), logged (with the plot) to the first sweep's parent run."""
+    parents = [parent_run_ids] if isinstance(parent_run_ids, str) else list(parent_run_ids)
+    parent_run_id = parents[0]
+    runs = pd.concat([study_runs(client, p) for p in parents], ignore_index=True)
     if runs.empty:
-        return f"_no finished RL runs under parent {parent_run_id}_"
+        return f"_no finished RL runs under parent {', '.join(parents)}_"
     results = arm_results(runs)
     seeds = runs.groupby("arm")["seed"].nunique()
     text = "\n\n".join([
         f"# RL study ({', '.join(sorted(set(runs['algo'])))}; seeds per arm: "
-        + ", ".join(f"{arm} {n}" for arm, n in seeds.items()) + f"; MLflow parent {parent_run_id})",
+        + ", ".join(f"{arm} {n}" for arm, n in seeds.items()) + f"; MLflow parent {', '.join(parents)})",
         "## Paper 001 Tables 1-3 (final deployed policies, held-out twin seeds)", main_table(results),
         "## Paper 001 Table 5 ablations", ablation_table(results),
         "## Paper 000 Table 3 fault scenarios", fault_table(fault_results(runs)),
     ])
+    if len(parents) > 1:
+        client.set_tag(parent_run_id, "fc.report_includes", " ".join(parents[1:]))
     client.log_text(parent_run_id, text, "report/rl_study.md")
     client.log_figure(parent_run_id, curve_figure(learning_curves(client, runs)), "report/learning_curves.png")
     return text
@@ -251,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forecaster", default="seasonal-naive",
                         help="seasonal-naive | federated:<MLflow run id of a task=bitbrains run>")
     parser.add_argument("--experiment", default="fedcontinuum-rl-study")
-    parser.add_argument("--report", metavar="PARENT_RUN_ID", help="only write the report of an RL sweep")
+    parser.add_argument("--report", metavar="PARENT_RUN_ID", nargs="+",
+                        help="only write the report of RL sweeps (several: one table, logged to the first)")
     parser.add_argument("--out", default="reports")
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides for every job")
     args = parser.parse_args(argv)
@@ -261,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     from fl_server.config import default_tracking_uri
 
     uri = default_tracking_uri()
-    parent = args.report
-    if parent is None:
+    parents = args.report
+    if parents is None:
         args.arms = args.arms or (["mafl", "marl", "noshield", "nofc"] + (["vdn"] if args.algo == "qmix" else []))
         args.clients = args.clients or (12 if args.algo == "ppo" else 3)
         started_ms = int(time.time() * 1000)
@@ -273,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         if parent is None:
             print(f"error: the sweep started no MLflow parent run (exit code {code})", file=sys.stderr)
             return code or 1
+        parents = [parent]
     else:
         code = 0
-    text = report(MlflowClient(uri), parent)
+    parent = parents[0]
+    text = report(MlflowClient(uri), parents)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rl-study-{parent[:8]}.md").write_text(text + "\n")

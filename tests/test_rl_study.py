@@ -66,10 +66,10 @@ def test_fault_table_rows_come_from_each_arms_runs(runs):
 
 @pytest.mark.e2e
 def test_a_study_is_one_hydra_multirun_with_the_report_on_its_parent(tmp_path):
-    # Prepare: 2 arms x 1 seed, tiny PPO (2 sites, 1 round, 60-s episodes)
+    # Prepare: 2 arms x 1 seed, tiny PPO (2 sites, 2 rounds, 60-s episodes)
     uri = sqlite_uri(tmp_path)
     # Execute
-    result = run_module("scripts.rl_study", "--algo", "ppo", "--seeds", "0", "--arms", "mafl", "marl", "--rounds", "1",
+    result = run_module("scripts.rl_study", "--algo", "ppo", "--seeds", "0", "--arms", "mafl", "marl", "--rounds", "2",
                         "--steps", "64", "--episode-s", "60", "--clients", "2", "--out", str(tmp_path / "reports"),
                         "task.eval_seeds=[7]", f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
     # Assert
@@ -80,6 +80,8 @@ def test_a_study_is_one_hydra_multirun_with_the_report_on_its_parent(tmp_path):
     children = client.search_runs([exp.experiment_id], "tags.kind = 'rl'")
     assert sorted(r.data.tags["arm"] for r in children) == ["mafl", "marl"]
     assert all(r.info.status == "FINISHED" and r.data.tags["strategy"] == "fedavgm" for r in children)
+    steps = [[m.step for m in client.get_metric_history(r.info.run_id, "eval_return")] for r in children]
+    assert steps == [[0, 1, 2], [0, 1, 2]]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/rl_study.md", "report/learning_curves.png"} <= artifacts
     (report,) = (tmp_path / "reports").glob("rl-study-*.md")
