@@ -16,9 +16,11 @@ ends by scoring its deployed agents under the paper-000 fault scenarios and
 the heuristic / forecast-MPC baselines on its held-out seeds
 (:mod:`fl_server.rl_evaluation`), so the study report is a read of the
 sweep's child runs. When the sweep ends its parent run gets the report:
-paper-001 Tables 1-3 metrics (mean ± sd over seeds), the Table 5 ablations
-as deltas against MA-FL with rounds to 95 % of best, the paper-000 Table 3
-fault scenarios, and a learning-curve plot. The report alone, for any RL
+paper-001 Tables 1-3 metrics (mean ± sd over seeds; bars in
+``report/methods.png``), the Table 5 ablations as deltas against MA-FL with
+rounds to 95 % of best, the paper-000 Table 3 fault scenarios (bars in
+``report/fault_scenarios.png``), and learning curves
+(``report/learning_curves.png``). The report alone, for any RL
 sweep's parent run::
 
     .venv/bin/python -m scripts.rl_study --report PARENT_RUN_ID [MORE_PARENT_RUN_IDS ...]
@@ -54,6 +56,10 @@ COLUMNS = (  # (key, title, scale, decimals)
 CURVES = (("eval_return", "episode return"), ("eval_slo_violation_rate", "SLO violation rate"),
           ("eval_shield_interventions", "shield interventions"))
 FAULT_ARMS = ("heuristic", "mafl", "marl")  # rows of the fault table, where present
+METHOD_BARS = (  # panels of report/methods.png: (key, label, scale)
+    ("slo_violation_rate", "SLO violations (%)", 100.0), ("p95_ms", "p95 latency (ms)", 1.0),
+    ("energy_j_per_request", "energy (J/request)", 1.0), ("cost_per_1k_usd", "cost ($ per 1k requests)", 1.0),
+)
 
 
 # ------------------------------------------------------------- the sweep
@@ -198,12 +204,18 @@ def learning_curves(client, runs) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def curve_figure(curves: dict[str, dict[str, np.ndarray]]):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def curve_figure(curves: dict[str, dict[str, np.ndarray]]):
+    """Per-round evaluation curves of every arm (mean over seeds)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(13, 3.6))
     for ax, (key, label) in zip(axes, CURVES):
         for arm, per_key in curves.items():
@@ -217,6 +229,41 @@ def curve_figure(curves: dict[str, dict[str, np.ndarray]]):
     return fig
 
 
+def methods_figure(results: dict[str, list[dict[str, float]]]):
+    """Tables 1-3 as bars: one panel per headline metric, mean ± sd over seeds per method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(METHOD_BARS), figsize=(14, 3.8))
+    names = [ARM_TITLES.get(arm, arm) for arm in results]
+    for ax, (key, label, scale) in zip(axes, METHOD_BARS):
+        stats = [mean_sd([r[key] * scale for r in runs]) for runs in results.values()]
+        ax.bar(range(len(stats)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="C0")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def faults_figure(faults: dict[str, list[dict[str, dict[str, float]]]]):
+    """Table 3 as grouped bars: task completion and response time per fault scenario and method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    width = 0.8 / max(len(faults), 1)
+    for ax, (measure, label, scale) in zip(axes, (("completion", "task completion (%)", 100.0),
+                                                  ("response_ms", "mean response time (ms)", 1.0))):
+        for i, (arm, per_seed) in enumerate(faults.items()):
+            stats = [mean_sd([scale * s[name][measure] for s in per_seed]) for name in FAULTS]
+            ax.bar([j + i * width for j in range(len(FAULTS))], [m for m, _ in stats], width,
+                   yerr=[s for _, s in stats], capsize=2, label=ARM_TITLES.get(arm, arm))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(FAULTS))], FAULTS)
+        ax.set_xlabel("fault scenario")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def report(client, parent_run_ids: str | list[str]) -> str:
     """The study's markdown report from the RL child runs of one or more sweeps (e.g. a later sweep
     that adds an arm), logged (with the plot) to the first sweep's parent run."""
@@ -225,19 +272,22 @@ def report(client, parent_run_ids: str | list[str]) -> str:
     runs = pd.concat([study_runs(client, p) for p in parents], ignore_index=True)
     if runs.empty:
         return f"_no finished RL runs under parent {', '.join(parents)}_"
-    results = arm_results(runs)
+    results, faults = arm_results(runs), fault_results(runs)
     seeds = runs.groupby("arm")["seed"].nunique()
     text = "\n\n".join([
         f"# RL study ({', '.join(sorted(set(runs['algo'])))}; seeds per arm: "
         + ", ".join(f"{arm} {n}" for arm, n in seeds.items()) + f"; MLflow parent {', '.join(parents)})",
         "## Paper 001 Tables 1-3 (final deployed policies, held-out twin seeds)", main_table(results),
         "## Paper 001 Table 5 ablations", ablation_table(results),
-        "## Paper 000 Table 3 fault scenarios", fault_table(fault_results(runs)),
+        "## Paper 000 Table 3 fault scenarios", fault_table(faults),
     ])
     if len(parents) > 1:
         client.set_tag(parent_run_id, "fc.report_includes", " ".join(parents[1:]))
     client.log_text(parent_run_id, text, "report/rl_study.md")
     client.log_figure(parent_run_id, curve_figure(learning_curves(client, runs)), "report/learning_curves.png")
+    client.log_figure(parent_run_id, methods_figure(results), "report/methods.png")
+    if faults:
+        client.log_figure(parent_run_id, faults_figure(faults), "report/fault_scenarios.png")
     return text
 
 

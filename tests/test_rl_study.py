@@ -7,7 +7,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fl_server.rl_evaluation import FAULTS
-from scripts.rl_study import COLUMNS, ablation_table, arm_results, fault_results, main_table
+from scripts.rl_study import (
+    COLUMNS,
+    ablation_table,
+    arm_results,
+    fault_results,
+    faults_figure,
+    main_table,
+    methods_figure,
+)
 from tests.conftest import run_module, sqlite_uri
 
 
@@ -64,6 +72,29 @@ def test_fault_table_rows_come_from_each_arms_runs(runs):
                                               "slo_violation_rate": 0.5}
 
 
+def bar_heights(ax) -> list[float]:
+    return [round(bar.get_height(), 6) for bar in ax.patches]
+
+
+def test_the_methods_plot_shows_the_table_means(runs):
+    # Execute
+    fig = methods_figure(arm_results(runs))
+    violations, p95 = fig.axes[0], fig.axes[1]
+    # Assert: heuristic, MPC (2 and 3 -> 2.5, x100 for %), MA-FL (0.10, 0.10), MARL (0.30, 0.20) in %
+    assert bar_heights(violations) == [250.0, 250.0, 10.0, 25.0]
+    assert bar_heights(p95) == [2.5, 2.5, 150.0, 500.0]
+    assert [t.get_text() for t in violations.get_xticklabels()][2:] == ["MA-FL (ours)", "Non-federated MARL"]
+
+
+def test_the_fault_plot_groups_each_scenario_by_method(runs):
+    # Execute
+    fig = faults_figure(fault_results(runs))
+    completion = fig.axes[0]
+    # Assert: per method one bar per fault scenario; heuristic 50 %, the learned arms 90 %
+    assert bar_heights(completion) == [50.0] * len(FAULTS) + [90.0] * (2 * len(FAULTS))
+    assert [t.get_text() for t in completion.get_xticklabels()] == list(FAULTS)
+
+
 @pytest.mark.e2e
 def test_a_study_is_one_hydra_multirun_with_the_report_on_its_parent(tmp_path):
     # Prepare: 2 arms x 1 seed, tiny PPO (2 sites, 2 rounds, 60-s episodes)
@@ -83,7 +114,8 @@ def test_a_study_is_one_hydra_multirun_with_the_report_on_its_parent(tmp_path):
     steps = [[m.step for m in client.get_metric_history(r.info.run_id, "eval_return")] for r in children]
     assert steps == [[0, 1, 2], [0, 1, 2]]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/rl_study.md", "report/learning_curves.png"} <= artifacts
+    assert {"report/rl_study.md", "report/learning_curves.png", "report/methods.png",
+            "report/fault_scenarios.png"} <= artifacts
     (report,) = (tmp_path / "reports").glob("rl-study-*.md")
     text = report.read_text()
     assert "| MA-FL (ours) |" in text and "| No FL (MARL only) |" in text and "| Heuristic (HPA + FFD) | loss20 |" in text
