@@ -347,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     except SuperLinkError as err:
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
         return 1
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red]: the SuperLink and its simulation are stopped; "
+                      "MLflow keeps the rounds logged so far", highlight=False)
+        return 130
     finally:
-        superlink.stop()
+        superlink.stop()  # also on SIGTERM (superlink.unwind_on_sigterm)
     console.print(summary_table([outcome]))
     if not outcome.ok:
         console.print(f"[bold red]run failed[/bold red] ({outcome.status}); last log lines:")

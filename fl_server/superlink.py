@@ -24,6 +24,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -66,6 +67,23 @@ def descendant_groups(pid: int) -> set[int]:
         frontier = {c for c, p in parent_of.items() if p in frontier} - descendants
         descendants |= frontier
     return {group_of[d] for d in descendants} - {pid, os.getpgrp()}
+
+
+def unwind_on_sigterm() -> None:
+    """Let SIGTERM (``timeout``, ``kill``, a batch scheduler) unwind like Ctrl-C.
+
+    Python's default SIGTERM ends the process at once, skipping the
+    ``finally`` blocks, ``with`` exits and ``atexit`` hooks that stop our
+    SuperLink's process groups: the SuperLink, its simulation and Ray would
+    run on as orphans. Raising ``SystemExit`` runs them. Only the main thread
+    may set a handler, and one set by someone else is left alone.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def venv_bin(name: str) -> str:
@@ -155,6 +173,7 @@ class LocalSuperLink:
 
     def spawn(self) -> "LocalSuperLink":
         """Spawn the SuperLink without waiting (boot it while doing other work)."""
+        unwind_on_sigterm()
         self.home.mkdir(parents=True, exist_ok=True)
         if self.tls:
             self.certificates = generate_certificates(self.home / "certs")

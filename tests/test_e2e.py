@@ -7,13 +7,19 @@ is one session fixture shared by the assertions below.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fl_server.config import compose_config
 from fl_server.launch import run_job
-from fl_server.superlink import LocalSuperLink
+from fl_server.superlink import FLWR_STATE_DIR, LocalSuperLink, descendant_groups
+from tests.conftest import PROJECT_DIR, sqlite_uri
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +56,54 @@ def test_superlink_and_its_children_are_stopped_by_pid():
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the whole process group is gone
     assert not home.exists()  # its FLWR_HOME is cleaned up
+
+
+def test_a_terminated_launcher_stops_its_superlink_and_simulation(tmp_path):
+    """SIGTERM (timeout, kill, a scheduler) must not orphan the SuperLink, the simulation or Ray."""
+    # Prepare: a real launcher run; its SuperLink writes .flwr/superlink-<port>/superlink.pid
+    before = set(FLWR_STATE_DIR.glob("superlink-*/superlink.pid"))
+    launcher = subprocess.Popen([sys.executable, "-m", "fl_server.launch", "num_rounds=50", "clients.num=2"],
+                                cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri(tmp_path)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (new := set(FLWR_STATE_DIR.glob("superlink-*/superlink.pid")) - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert new, "the launcher started no SuperLink within 60 s"
+    (pid_file,) = new
+    pid, address = int(pid_file.read_text()), "127.0.0.1:" + pid_file.parent.name.removeprefix("superlink-")
+    while not any("flwr-simulation" in c for c in processes_mentioning(address)) and time.monotonic() < deadline + 60:
+        time.sleep(0.5)  # wait for the simulation: Flower starts it in a process session of its own
+    assert processes_mentioning(address), "no flwr-simulation started within 120 s"
+    try:
+        # Execute
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=60)
+        # Assert: exit 128 + SIGTERM, the SuperLink's group gone, its FLWR_HOME removed, no simulation left
+        assert code == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+        assert not pid_file.parent.exists()
+        assert not processes_mentioning(address)
+    finally:  # a failure here must not leave the orphans for the rest of the suite
+        launcher.kill()
+        for victim in [pid, *descendant_groups(pid)]:
+            try:
+                os.killpg(victim, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(command)
+    return found
 
 
 def test_a_failed_flower_run_is_reported_as_failed(tmp_path):
