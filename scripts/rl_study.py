@@ -229,6 +229,11 @@ def curve_figure(curves: dict[str, dict[str, np.ndarray]]):
     return fig
 
 
+def error_bars(stats: list[tuple[float, float]]) -> list[list[float]]:
+    """± sd, but not below zero: none of the plotted measures can be negative."""
+    return [[min(sd, mean) for mean, sd in stats], [sd for _, sd in stats]]
+
+
 def methods_figure(results: dict[str, list[dict[str, float]]]):
     """Tables 1-3 as bars: one panel per headline metric, mean ± sd over seeds per method."""
     plt = _pyplot()
@@ -236,7 +241,7 @@ def methods_figure(results: dict[str, list[dict[str, float]]]):
     names = [ARM_TITLES.get(arm, arm) for arm in results]
     for ax, (key, label, scale) in zip(axes, METHOD_BARS):
         stats = [mean_sd([r[key] * scale for r in runs]) for runs in results.values()]
-        ax.bar(range(len(stats)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="C0")
+        ax.bar(range(len(stats)), [m for m, _ in stats], yerr=error_bars(stats), capsize=3, color="C0")
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
@@ -254,7 +259,7 @@ def faults_figure(faults: dict[str, list[dict[str, dict[str, float]]]]):
         for i, (arm, per_seed) in enumerate(faults.items()):
             stats = [mean_sd([scale * s[name][measure] for s in per_seed]) for name in FAULTS]
             ax.bar([j + i * width for j in range(len(FAULTS))], [m for m, _ in stats], width,
-                   yerr=[s for _, s in stats], capsize=2, label=ARM_TITLES.get(arm, arm))
+                   yerr=error_bars(stats), capsize=2, label=ARM_TITLES.get(arm, arm))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(FAULTS))], FAULTS)
         ax.set_xlabel("fault scenario")
         ax.set_ylabel(label)
