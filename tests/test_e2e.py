@@ -65,16 +65,17 @@ def test_a_terminated_launcher_stops_its_superlink_and_simulation(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-m", "fl_server.launch", "num_rounds=50", "clients.num=2"],
                                 cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri(tmp_path)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (new := set(FLWR_STATE_DIR.glob("superlink-*/superlink.pid")) - before) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert new, "the launcher started no SuperLink within 60 s"
-    (pid_file,) = new
-    pid, address = int(pid_file.read_text()), "127.0.0.1:" + pid_file.parent.name.removeprefix("superlink-")
-    while not any("flwr-simulation" in c for c in processes_mentioning(address)) and time.monotonic() < deadline + 60:
-        time.sleep(0.5)  # wait for the simulation: Flower starts it in a process session of its own
-    assert processes_mentioning(address), "no flwr-simulation started within 120 s"
-    try:
+    pid = None
+    try:  # whatever fails below, no launcher, SuperLink or simulation is left for the rest of the suite
+        deadline = time.monotonic() + 60
+        while not (new := set(FLWR_STATE_DIR.glob("superlink-*/superlink.pid")) - before) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert new, "the launcher started no SuperLink within 60 s"
+        (pid_file,) = new
+        pid, address = int(pid_file.read_text()), "127.0.0.1:" + pid_file.parent.name.removeprefix("superlink-")
+        while not any("flwr-simulation" in c for c in processes_mentioning(address)) and time.monotonic() < deadline + 60:
+            time.sleep(0.5)  # wait for the simulation: Flower starts it in a process session of its own
+        assert processes_mentioning(address), "no flwr-simulation started within 120 s"
         # Execute
         launcher.send_signal(signal.SIGTERM)
         code = launcher.wait(timeout=60)
@@ -84,9 +85,14 @@ def test_a_terminated_launcher_stops_its_superlink_and_simulation(tmp_path):
             os.killpg(pid, 0)
         assert not pid_file.parent.exists()
         assert not processes_mentioning(address)
-    finally:  # a failure here must not leave the orphans for the rest of the suite
-        launcher.kill()
-        for victim in [pid, *descendant_groups(pid)]:
+    finally:
+        if launcher.poll() is None:  # SIGTERM first: it unwinds and stops what the launcher started
+            launcher.terminate()
+            try:
+                launcher.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+        for victim in [] if pid is None else [pid, *descendant_groups(pid)]:
             try:
                 os.killpg(victim, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
