@@ -46,8 +46,8 @@ def run_episode(twin: EdgeCloudTwin, policy: Policy, seed: int | None = None) ->
 
 
 def seasonal_naive_fn(horizon: int, season: int = 288) -> ForecastFn:
-    """Seasonal-naive forecaster (``fl_clients.forecast_task``); 288 x 300 s = one day."""
-    from fl_clients.forecast_task import seasonal_naive_forecast
+    """Seasonal-naive forecaster (``tasks.forecast.training``); 288 x 300 s = one day."""
+    from fl_datasets.naive_forecasts import seasonal_naive_forecast
 
     return lambda history: seasonal_naive_forecast(history, horizon, season)
 

@@ -7,7 +7,7 @@ unknown fault type or a typo in a key is one :class:`EdgeSimError` naming the
 value and the fix.
 
 Device profiles (throughput, memory, power) come from the devices config
-(``conf/devices/mixed.yaml``) through :class:`fl_clients.devices.Fleet`; the
+(``conf/devices/mixed.yaml``) through :class:`edgesim.devices.Fleet`; the
 network figures default to paper 001 §5.3 (intra-cluster RTT 5-15 ms,
 edge<->cloud 20-40 ms, jitter up to 2x) and the shield caps to paper 001
 §4.1/§5.3 (migration-rate cap 2/min per service, node power caps 160-220 W,
@@ -244,7 +244,7 @@ class Scenario:
     slo_ms: float
     clusters: tuple[ClusterSpec, ...]
     cloud_regions: tuple[CloudRegionSpec, ...]
-    profiles: Mapping[str, Any]  # name -> fl_clients.devices.DeviceProfile
+    profiles: Mapping[str, Any]  # name -> edgesim.devices.DeviceProfile
     accelerators: Mapping[str, str]
     device_utilisation: float
     network: NetworkSpec = field(default_factory=NetworkSpec)
@@ -410,7 +410,7 @@ def _parse(config: Mapping[str, Any], devices: Mapping[str, Any] | None) -> Scen
 
 
 def _fleet(devices: Any) -> Any:
-    from fl_clients.devices import Fleet
+    from edgesim.devices import Fleet
 
     if isinstance(devices, str):
         path = CONF_DIR / "devices" / f"{devices}.yaml"

@@ -1,27 +1,37 @@
-"""fedcontinuum ClientApp: trains (and optionally evaluates) the global model
-on this SuperNode's partition.
+"""fedcontinuum ClientApp: one pipeline for every task.
 
 Everything a client needs arrives in the message's ConfigRecord (composed by
-the ServerApp from ``conf/``), so clients never re-compose the config.
+the ServerApp from ``conf/``), so clients never re-compose the config. The
+task (``task`` key, :mod:`tasks.registry`) trains and evaluates; this module
+does what is the same for every task, in this order:
+
+1. the partition (its data shard, edge site or cluster) from the node config;
+2. fault injection (tests, robustness studies), only when the run configures it;
+3. downlink decompression: the model as this client holds it;
+4. the task's local training, with DP-SGD handed in when configured;
+5. fault corruption and uplink compression of the trained model;
+6. the virtual clock: what the round would cost on this client's device
+   (training FLOPs from the task, the actual payload bytes both ways).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_clients import compression, faults, forecast_client, privacy, rl_client
+from edgesim.devices import Fleet, round_cost
+from fl_clients import privacy
 from fl_clients.privacy import central_clipping_mod
 from fl_clients.secagg import secagg_mod
-from fl_clients.devices import Fleet, forecaster_costs, model_costs, round_cost
-from fl_clients.image_task import evaluate, train_local
-from fl_clients.models import build_model
-from fl_datasets.federated import DataSpec, build_image_data
+from fl_common import compression, faults, protocol
+from fl_common.dp_config import settings_from_config
+from tasks.base import ClientRound, LocalUpdate
+from tasks.registry import get_task
 
 # Ray runs one client per CPU slot: one intra-op thread each avoids oversubscription.
 torch.set_num_threads(1)
@@ -29,120 +39,81 @@ torch.set_num_threads(1)
 app = ClientApp()
 
 
-def _partition(context: Context, spec: DataSpec):
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config.get("num-partitions", spec.num_clients))
-    if num_partitions != spec.num_clients:
-        raise ValueError(
-            f"the federation has {num_partitions} SuperNodes but clients.num="
-            f"{spec.num_clients}: start it with num-supernodes={spec.num_clients}"
-        )
-    return partition_id, build_image_data(spec).clients[partition_id]
-
-
-def _model(msg: Message, config: ConfigRecord, spec: DataSpec, arrays: ArrayRecord | None = None) -> torch.nn.Module:
-    model = build_model(str(config["model"]), spec.num_classes)
-    model.load_state_dict((arrays if arrays is not None else msg.content["arrays"]).to_torch_state_dict())
-    return model
+def client_round(config: ConfigRecord, context: Context) -> ClientRound:
+    """What the task needs to know about this client and round."""
+    num_clients = int(config[protocol.NUM_CLIENTS])
+    partition_id = protocol.node_partition(context.node_config, num_clients)
+    server_round = int(config[protocol.SERVER_ROUND])
+    dp = settings_from_config(config, partition_id)
+    return ClientRound(
+        config=config,
+        partition_id=partition_id,
+        num_clients=num_clients,
+        server_round=server_round,
+        seed=protocol.client_seed(int(config[protocol.SEED]), server_round, partition_id),
+        state=context.state,
+        dp=dp,
+        train_private=None if dp is None else partial(privacy.train_private, settings=dp, state=context.state),
+    )
 
 
 # SecAgg+ and client-side central-DP clipping act only on runs that use them
 @app.train(mods=[secagg_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Local SGD epochs on this client's partition."""
+    """Local training of the configured task on this client's partition."""
     config = msg.content["config"]
-    if forecast_client.is_forecast_message(config):
-        return forecast_client.train(msg, context, _virtual_cost)
-    if rl_client.is_rl_message(config):  # federated PPO / QMIX agents in the twin
-        return rl_client.train(msg, context)
-    spec = DataSpec.from_json(str(config["data-spec"]))
-    partition_id, data = _partition(context, spec)
-    # --- fault injection (tests, robustness studies): only when the run configures faults.*
-    fault = faults.planned_fault(config, partition_id, spec.num_clients)
+    task = get_task(str(config[protocol.TASK]))
+    run = client_round(config, context)
+    fault = faults.planned_fault(config, run.partition_id, run.num_clients)
     faults.before_training(fault, config)
-    # --- compression (downlink): the model as this client holds it
     received = compression.client_receive(msg.content["arrays"], config, context.state)
     compression.client_remember_model(received, config, context.state)
-    model = _model(msg, config, spec, received)
-    server_round = int(config["server-round"])
     started = time.perf_counter()
-    # a distinct, reproducible shuffle per (seed, round, client)
-    seed = int(config["seed"]) * 1_000_003 + server_round * 1_009 + partition_id
-    loss, dp_round = _train_image(model, data, config, seed, partition_id, context)
-    if dp_round is not None and dp_round.declined:  # --- DP-SGD: the budget forbids this round
-        return privacy.declined_reply(msg, dp_round, partition_id, server_round)
-    # --- compression (uplink): the encoded delta, or the model itself
-    trained = faults.corrupt(fault, config, ArrayRecord(model.state_dict()), received)
+    update = task.train(received, run)
+    if update.declined is not None:  # DP-SGD: the budget forbids this round
+        return privacy.declined_reply(msg, update.declined, run.partition_id, run.server_round)
+    trained = faults.corrupt(fault, config, update.arrays, received)
     arrays = compression.client_send(trained, received, config, context.state)
     metrics = {
-        "train_loss": loss,
-        "num-examples": len(data),
-        "partition-id": partition_id,
-        "dispatch-round": server_round,
-        "train_time_s": time.perf_counter() - started,
-        **(dp_round.metrics() if dp_round is not None else {}),
+        **update.metrics,
+        protocol.NUM_EXAMPLES: update.num_examples,
+        protocol.PARTITION_ID: run.partition_id,
+        protocol.DISPATCH_ROUND: run.server_round,
+        protocol.TRAIN_TIME_S: time.perf_counter() - started,
     }
-    metrics.update(_virtual_cost(config, spec, partition_id, server_round, len(data), msg, arrays))
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
-
-
-def _train_image(model, data, config, seed, partition_id, context) -> tuple[float, privacy.PrivateRound | None]:
-    """Plain local SGD, or DP-SGD (Opacus) when the run configures it."""
-    settings = privacy.settings_from_config(config, partition_id)
-    hyper = dict(epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
-                 lr=float(config["lr"]), momentum=float(config["momentum"]), seed=seed)
-    if settings is None:
-        return train_local(model, data, **hyper), None
-    outcome = privacy.train_private(
-        model, torch.from_numpy(data.x), torch.from_numpy(data.y), torch.nn.CrossEntropyLoss(),
-        settings=settings, state=context.state, **hyper,
-    )
-    return outcome.loss, outcome
-
-
-def _fleet(config: ConfigRecord) -> Fleet:
-    return _fleet_from_json(str(config["devices"]))
+    metrics.update(virtual_cost(config, run, update, msg.content["arrays"], arrays))
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @lru_cache(maxsize=4)
-def _fleet_from_json(text: str) -> Fleet:
-    return Fleet.from_config(json.loads(text))
+def _fleet(devices_json: str) -> Fleet:
+    return Fleet.from_config(json.loads(devices_json))
 
 
-def _virtual_cost(config, spec, partition_id, server_round, samples, msg, arrays) -> dict[str, float]:
+def virtual_cost(config: ConfigRecord, run: ClientRound, update: LocalUpdate,
+                 received: ArrayRecord, sent: ArrayRecord) -> dict[str, float]:
     """What this round would cost on this client's device (virtual clock)."""
-    if "devices" not in config:
-        return {}
-    fleet = _fleet(config)
-    profile = fleet.profiles[fleet.assign(spec.num_clients, spec.seed)[partition_id]]
-    forward_flops, _, _ = _costs(config, spec)
-    train_flops = 3 * forward_flops * samples * int(config["local-epochs"])  # fwd + 2x bwd
+    fleet = _fleet(str(config[protocol.DEVICES]))
+    seed = int(config[protocol.SEED])
+    profile = fleet.profiles[fleet.assign(run.num_clients, seed)[run.partition_id]]
     cost = round_cost(
-        fleet, profile, train_flops,
-        down_bytes=msg.content["arrays"].count_bytes(), up_bytes=arrays.count_bytes(),
-        seed=spec.seed, client=partition_id, server_round=server_round,
+        fleet, profile, update.train_flops,
+        down_bytes=received.count_bytes(), up_bytes=sent.count_bytes(),
+        seed=seed, client=run.partition_id, server_round=run.server_round,
     )
     return {
-        "vc_compute_s": cost.compute_s,
-        "vc_downlink_s": cost.downlink_s,
-        "vc_uplink_s": cost.uplink_s,
-        "vc_energy_j": cost.energy_j,
-        "vc_up_bytes": float(arrays.count_bytes()),
+        protocol.VC_COMPUTE_S: cost.compute_s,
+        protocol.VC_DOWNLINK_S: cost.downlink_s,
+        protocol.VC_UPLINK_S: cost.uplink_s,
+        protocol.VC_ENERGY_J: cost.energy_j,
+        protocol.VC_UP_BYTES: float(sent.count_bytes()),
     }
-
-
-def _costs(config: ConfigRecord, spec) -> tuple[float, int, int]:
-    if forecast_client.is_forecast_message(config):
-        model = json.loads(str(config["forecaster"]))
-        return forecaster_costs(model["model"], len(spec.columns), spec.window, spec.horizon, model["level_centred"])
-    return model_costs(str(config["model"]), spec.num_classes)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition (and so which device) this node holds."""
-    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    metrics = MetricRecord({protocol.PARTITION_ID: int(context.node_config[protocol.NODE_PARTITION_ID])})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -150,19 +121,6 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on this client's partition."""
     config = msg.content["config"]
-    if forecast_client.is_forecast_message(config):
-        return forecast_client.evaluate(msg, context)
-    if rl_client.is_rl_message(config):
-        return rl_client.evaluate(msg, context)
-    spec = DataSpec.from_json(str(config["data-spec"]))
-    partition_id, data = _partition(context, spec)
-    model = _model(msg, config, spec)
-    result = evaluate(model, data, spec.num_classes)
-    metrics = MetricRecord(
-        {
-            "eval_loss": result["loss"],
-            "eval_accuracy": result["accuracy"],
-            "num-examples": len(data),
-        }
-    )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    task = get_task(str(config[protocol.TASK]))
+    metrics = task.evaluate(msg.content["arrays"], client_round(config, context))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

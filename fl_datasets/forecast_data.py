@@ -172,7 +172,7 @@ def build_forecast_data(spec: ForecastSpec) -> FederatedForecastData:
 
 
 def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[slice, slice, slice]) -> SiteData:
-    from fl_clients.forecast_task import make_windows  # numpy only
+    from fl_datasets.windows import make_windows
 
     train, val, test = splits
     values, mask = traces.values[i], traces.mask[i]

@@ -16,9 +16,9 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_server.config import compose_config
-from fl_server.experiment import run_experiment
-from fl_server.tracking import default_tracking_uri
+from fl_server.experiments.config import compose_config
+from fl_server.experiments.experiment import run_experiment
+from fl_server.experiments.tracking import default_tracking_uri
 
 app = ServerApp()
 

@@ -51,9 +51,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fl_server import progress
-from fl_server.config import PROJECT_DIR
-from fl_server.superlink import CONNECTION, LocalSuperLink, SuperLinkError
+from fl_server.runtime import progress
+from fl_server.experiments.config import PROJECT_DIR
+from fl_server.runtime.superlink import CONNECTION, LocalSuperLink, SuperLinkError
 
 PLAIN_APP = Path("scripts") / "bench" / "plain_fedavg"
 PLAIN_MARKER = "[plain-fedavg] "
@@ -174,7 +174,7 @@ def run_platform(repeat: int, out_dir: Path, timeout_s: float) -> Measurement:
     # COLUMNS: rich must not wrap the echoed marker lines; unbuffered: lines arrive when printed
     env = {**os.environ, "COLUMNS": "4000", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
-    stream = _stream([sys.executable, "-m", "fl_server.launch", "--verbose"], env, log_path, timeout_s, interrupt=True)
+    stream = _stream([sys.executable, "-m", "fl_server.runtime.launch", "--verbose"], env, log_path, timeout_s, interrupt=True)
     m.wall_s = stream.exited_at - started
     run_started, m.flower_run_id = _started_at(stream)
     events = [(t, e) for t, e in _events(stream, progress.MARKER) if t >= (run_started or 0.0)]

@@ -32,10 +32,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from fl_server.config import compose_config, default_tracking_uri
-from fl_server.deployment import LocalFederation
-from fl_server.launch import JobOutcome, mlflow_ui_hint, preflight, run_job, summary_table
-from fl_server.superlink import LocalSuperLink, SuperLinkError
+from fl_server.experiments.config import compose_config, default_tracking_uri
+from fl_server.runtime.deployment import LocalFederation
+from fl_server.runtime.launch import JobOutcome, mlflow_ui_hint, preflight, run_job, summary_table
+from fl_server.runtime.superlink import LocalSuperLink, SuperLinkError
 
 ENGINE_TAG = "fc.engine"
 

@@ -31,8 +31,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
-from fl_server.config import PROJECT_DIR, ConfigError, compose_config, default_tracking_uri
-from fl_server.tracking import RunTracker
+from fl_server.experiments.config import PROJECT_DIR, ConfigError, compose_config, default_tracking_uri
+from fl_server.experiments.tracking import RunTracker
 
 ARMS = ("federated", "local-only", "centralised")
 METRICS = ("mae", "rmse", "smape", "mase")
@@ -47,9 +47,9 @@ def default_task() -> str:
 
 def local_only(cfg: DictConfig, seed: int) -> dict[str, dict[str, float]]:
     """One model per site on its own windows; per-site test metrics."""
-    from fl_clients.forecast_task import train_forecaster
+    from tasks.forecast.training import train_forecaster
     from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
-    from fl_server.forecast_experiment import _forecaster, score_sites
+    from tasks.forecast.server import _forecaster, score_sites
 
     spec = ForecastSpec.from_config(cfg)
     data = build_forecast_data(spec)
@@ -64,9 +64,9 @@ def local_only(cfg: DictConfig, seed: int) -> dict[str, dict[str, float]]:
 
 def centralised(cfg: DictConfig, seed: int) -> dict[str, dict[str, float]]:
     """One model on all sites' windows pooled; per-site test metrics."""
-    from fl_clients.forecast_task import train_forecaster
+    from tasks.forecast.training import train_forecaster
     from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
-    from fl_server.forecast_experiment import _forecaster, score_sites
+    from tasks.forecast.server import _forecaster, score_sites
 
     spec = ForecastSpec.from_config(cfg)
     data = build_forecast_data(spec)
@@ -93,7 +93,7 @@ def federated(cfg: DictConfig, overrides: list[str], parent_run_id: str) -> tupl
     """A real Flower simulation; per-site test metrics read back from MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from fl_server.launch import preflight, run_job
+    from fl_server.runtime.launch import preflight, run_job
     from scripts.sweep_parent import shared_superlink
 
     superlink = shared_superlink()
@@ -111,7 +111,7 @@ def federated(cfg: DictConfig, overrides: list[str], parent_run_id: str) -> tupl
 
 def baselines(cfg: DictConfig) -> dict[str, dict[str, dict[str, float]]]:
     from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
-    from fl_server.forecast_experiment import score_baselines
+    from tasks.forecast.server import score_baselines
 
     spec = ForecastSpec.from_config(cfg)
     return score_baselines(build_forecast_data(spec), spec.season, "test")
@@ -230,7 +230,7 @@ def run(base: DictConfig, overrides: list[str], seeds: list[int]) -> int:
 
 
 def _log_child(cfg: DictConfig, arm: str, seed: int, per_site, wall_s: float, parent_run_id: str) -> None:
-    from fl_server.forecast_experiment import flat_metrics
+    from tasks.forecast.server import flat_metrics
 
     child = RunTracker(
         default_tracking_uri(), experiment=str(cfg.tracking.experiment),

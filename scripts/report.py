@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from fl_server.tracking import PARENT_TAG, default_tracking_uri
+from fl_server.experiments.tracking import PARENT_TAG, default_tracking_uri
 
 METRICS = {
     "final_test_accuracy": "accuracy",

@@ -14,7 +14,7 @@ The arms are the ``conf/arm`` group: ``mafl`` (the task as configured),
 observations), ``vdn`` (QMIX only), ``ph`` (PPO personal head). Every job
 ends by scoring its deployed agents under the paper-000 fault scenarios and
 the heuristic / forecast-MPC baselines on its held-out seeds
-(:mod:`fl_server.rl_evaluation`), so the study report is a read of the
+(:mod:`tasks.rl.evaluation`), so the study report is a read of the
 sweep's child runs. When the sweep ends its parent run gets the report:
 paper-001 Tables 1-3 metrics (mean ± sd over seeds; bars in
 ``report/methods.png``), the Table 5 ablations as deltas against MA-FL with
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fl_server.rl_evaluation import FAULTS
+from tasks.rl.evaluation import FAULTS
 
 ARM_TITLES = {"heuristic": "Heuristic (HPA + FFD)", "mpc": "Forecast-only MPC", "mafl": "MA-FL (ours)",
               "marl": "Non-federated MARL", "mafl-noshield": "MA-FL, no shield", "mafl-nofc": "MA-FL, no forecaster",
@@ -98,7 +98,7 @@ def is_rl_sweep(client, parent_run_id: str) -> bool:
 
 def study_runs(client, parent_run_id: str, max_results: int = 10_000):
     """The finished RL child runs of a sweep: arm, seed, run id and all final metrics."""
-    from fl_server.tracking import PARENT_TAG
+    from fl_server.experiments.tracking import PARENT_TAG
 
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id],
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from fl_server.config import default_tracking_uri
+    from fl_server.experiments.config import default_tracking_uri
 
     uri = default_tracking_uri()
     parents = args.report

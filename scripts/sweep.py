@@ -18,8 +18,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_server.config import compose_config, finalize_config
-from fl_server.launch import JobOutcome, preflight, run_job
+from fl_server.experiments.config import compose_config, finalize_config
+from fl_server.runtime.launch import JobOutcome, preflight, run_job
 from scripts.sweep_parent import PARENT_ENV, console, outcomes, shared_superlink
 
 

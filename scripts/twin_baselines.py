@@ -8,15 +8,15 @@ bin packing; forecast-driven MPC) run on the Bitbrains-driven scenario
 (``conf/twin/bitbrains.yaml``); when its trace directory is absent the
 scenario falls back to the synthetic workload, with a note. Metrics follow
 paper 001 Tables 1-3 plus paper 000's fulfillment rate and regional fairness
-variance. Results go to MLflow (``fl_server.config.default_tracking_uri()``):
+variance. Results go to MLflow (``fl_server.experiments.config.default_tracking_uri()``):
 one parent run, one child run per baseline x seed, the table as a markdown
 artifact.
 
 The MPC's forecaster: ``seasonal-naive`` (default,
-``fl_clients.forecast_task.seasonal_naive_forecast``, one-day season) or
+``tasks.forecast.training.seasonal_naive_forecast``, one-day season) or
 ``oracle`` (the true demand envelope) or ``federated:<MLflow run id>``: the
 final global TCN/LSTM of a federated forecasting run (``make run
-ARGS=task=bitbrains``), see :mod:`fl_clients.trained_forecaster`.
+ARGS=task=bitbrains``), see :mod:`tasks.forecast.trained`.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ _TRAINED: dict = {}
 def _trained(run_id: str):
     """Load once per process (every seed's MPC reuses it)."""
     if run_id not in _TRAINED:
-        from fl_clients.trained_forecaster import load_from_mlflow
-        from fl_server.config import default_tracking_uri
+        from tasks.forecast.trained import load_from_mlflow
+        from fl_server.experiments.config import default_tracking_uri
 
         _TRAINED[run_id] = load_from_mlflow(run_id, default_tracking_uri())
     return _TRAINED[run_id]
@@ -149,7 +149,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 
 
 def log_to_mlflow(results, scenario, seeds, forecaster_name, markdown, note, tracking_uri, experiment) -> str:
-    from fl_server.tracking import RunTracker
+    from fl_server.experiments.tracking import RunTracker
 
     params = {
         "scenario": scenario.name,
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forecaster", type=forecaster_choice, default="seasonal-naive",
                         help="seasonal-naive | oracle | federated:<MLflow run id> (a trained forecasting run)")
     parser.add_argument("--episode-s", type=float, default=None, help="override the episode length (s)")
-    parser.add_argument("--tracking-uri", default=None, help="default: fl_server.config.default_tracking_uri()")
+    parser.add_argument("--tracking-uri", default=None, help="default: fl_server.experiments.config.default_tracking_uri()")
     parser.add_argument("--experiment", default="twin-baselines")
     parser.add_argument("--no-mlflow", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(markdown)
     if not args.no_mlflow:
-        from fl_server.config import default_tracking_uri
+        from fl_server.experiments.config import default_tracking_uri
 
         uri = args.tracking_uri or default_tracking_uri()
         run_id = log_to_mlflow(results, scenario, args.seeds, args.forecaster, markdown, note, uri, args.experiment)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-from fl_server.config import compose_config
+from fl_server.experiments.config import compose_config
 from strategies import build_strategy
 from strategies.testing import FakeGrid, arrays, train_reply
 

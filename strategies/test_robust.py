@@ -6,7 +6,7 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from fl_server.config import ConfigError, compose_config
+from fl_server.experiments.config import ConfigError, compose_config
 from strategies import build_strategy
 from strategies.testing import FakeGrid, arrays, train_reply
 

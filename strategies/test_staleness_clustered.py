@@ -109,8 +109,8 @@ def test_planted_clusters_of_label_permutations_are_recovered():
     import torch
     from sklearn.metrics import adjusted_rand_score
 
-    from fl_clients.image_task import train_local
-    from fl_clients.models import build_model
+    from tasks.image.training import train_local
+    from tasks.image.models import build_model
     from fl_datasets.sources import LabelledImages, load_mnist_5k
 
     data = load_mnist_5k()

@@ -45,7 +45,7 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
     store = tmp_path_factory.mktemp("mlflow-e2e")
     uri = sqlite_uri(store)
     result = run_module(
-        "fl_server.launch", "num_rounds=2", "clients.num=4", env={"MLFLOW_TRACKING_URI": uri}
+        "fl_server.runtime.launch", "num_rounds=2", "clients.num=4", env={"MLFLOW_TRACKING_URI": uri}
     )
     return result, uri
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fl_server.checkpoint import CheckpointError, CheckpointStore
-from fl_server.config import compose_config
-from fl_server.experiment import run_experiment
-from fl_server.tracking import RunTracker
+from fl_server.engine.checkpoint import CheckpointError, CheckpointStore
+from fl_server.experiments.config import compose_config
+from fl_server.experiments.experiment import run_experiment
+from fl_server.experiments.tracking import RunTracker
 from strategies.testing import FakeGrid
 from tests.test_experiment import in_process_client
 
@@ -173,7 +173,7 @@ def test_a_killed_server_app_resumes_from_its_last_checkpoint(tmp_path):
     # 3 rounds: the kill lands after round 1 with two rounds of margin before the end
     args = ["num_rounds=3", "clients.num=2", "strategy=fedavgm", f"checkpoint.dir={ckpt_dir}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "COLUMNS": "200"}
-    launcher = subprocess.Popen([sys.executable, "-m", "fl_server.launch", *args], cwd=PROJECT_DIR, env=env,
+    launcher = subprocess.Popen([sys.executable, "-m", "fl_server.runtime.launch", *args], cwd=PROJECT_DIR, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     killed = False
@@ -197,7 +197,7 @@ def test_a_killed_server_app_resumes_from_its_last_checkpoint(tmp_path):
     assert launcher.returncode == 1, output[-3000:]
     assert "checkpoint.resume=" in output  # the launcher says how to resume
     run_id = next(ckpt_dir.glob("*/latest.pkl")).parent.name
-    resumed = subprocess.run([sys.executable, "-m", "fl_server.launch", *args, f"checkpoint.resume={run_id}"],
+    resumed = subprocess.run([sys.executable, "-m", "fl_server.runtime.launch", *args, f"checkpoint.resume={run_id}"],
                              cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     client, runs = runs_of(uri)

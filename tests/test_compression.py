@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
 
-from fl_clients import compression as comp
-from fl_server.config import compose_config
-from fl_server.experiment import run_experiment
+from fl_common import compression as comp
+from fl_server.experiments.config import compose_config
+from fl_server.experiments.experiment import run_experiment
 from strategies.testing import FakeGrid
 from tests.privacy_helpers import stateful_clients, only_run, history
 
@@ -159,14 +159,14 @@ def test_downlink_compression_keeps_client_and_server_views_identical(tracking_u
 
 
 def _model_keys():
-    from fl_clients.models import build_model
+    from tasks.image.models import build_model
 
     return build_model("cnn", 10).state_dict()
 
 
 def test_server_decodes_replies_into_models_with_the_sent_keys_in_order():
     # Prepare: the server sent `sent`; the client trained it to `trained`
-    from fl_server.comm import AccountingGrid
+    from fl_server.engine.comm import AccountingGrid
     from strategies.testing import train_reply
 
     sent = ArrayRecord({"b": Array(np.zeros(3, np.float32)), "a": Array(np.ones(2, np.float32))})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fl_server.config import ConfigError, compose_config, flatten, join_overrides, split_overrides
+from fl_server.experiments.config import ConfigError, compose_config, flatten, join_overrides, split_overrides
 
 from .conftest import run_module
 
@@ -74,7 +74,7 @@ def test_flatten_gives_dotted_params():
     ],
 )
 def test_launcher_rejects_bad_input_before_starting_anything(args, message):
-    result = run_module("fl_server.launch", *args, timeout=120)
+    result = run_module("fl_server.runtime.launch", *args, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode == 2
     assert message in output

@@ -22,11 +22,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from fl_server.certificates import generate_certificates
-from fl_server.config import compose_config
-from fl_server.deployment import LocalFederation, LocalSuperNode
-from fl_server.launch import preflight, run_job
-from fl_server.superlink import FLWR_STATE_DIR, LocalSuperLink
+from fl_server.runtime.certificates import generate_certificates
+from fl_server.experiments.config import compose_config
+from fl_server.runtime.deployment import LocalFederation, LocalSuperNode
+from fl_server.runtime.launch import preflight, run_job
+from fl_server.runtime.superlink import FLWR_STATE_DIR, LocalSuperLink
 from tests.conftest import run_module, sqlite_uri
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fl_clients.devices import DeviceProfile, Fleet, ProfileError, check_memory, is_online, round_cost
-from fl_server.config import ConfigError, compose_config
-from fl_server.virtual_clock import VirtualClock
+from edgesim.devices import DeviceProfile, Fleet, ProfileError, is_online, round_cost
+from fl_common.costs import check_memory
+from tasks.image.models import model_costs
+from fl_server.experiments.config import ConfigError, compose_config
+from fl_server.engine.virtual_clock import VirtualClock
 from strategies.testing import arrays, train_reply
 
 
@@ -93,16 +95,16 @@ def test_bad_device_config_is_one_clear_error(overrides, message):
 def test_a_device_too_small_for_model_and_batch_is_refused():
     tiny = fleet(dev=profile(memory_gb=0.001))
     with pytest.raises(ProfileError, match="profile 'dev' has 0.001 GB but training 'cnn' with batch 512"):
-        check_memory(tiny, "cnn", 10, batch_size=512)
-    check_memory(fleet(dev=profile()), "cnn", 10, batch_size=512)  # 4 GB is plenty
+        check_memory(tiny, "cnn", 512, model_costs("cnn", 10))
+    check_memory(fleet(dev=profile()), "cnn", 512, model_costs("cnn", 10))  # 4 GB is plenty
 
 
 def test_hook_flop_count_matches_torchs_flop_counter():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fl_clients.devices import model_costs
-    from fl_clients.models import build_model
+    from tasks.image.models import model_costs
+    from tasks.image.models import build_model
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         build_model("cnn", 10)(torch.zeros(1, 1, 28, 28))

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fl_server.config import compose_config
-from fl_server.launch import run_job
-from fl_server.superlink import FLWR_STATE_DIR, LocalSuperLink, descendant_groups
+from fl_server.experiments.config import compose_config
+from fl_server.runtime.launch import run_job
+from fl_server.runtime.superlink import FLWR_STATE_DIR, LocalSuperLink, descendant_groups
 from tests.conftest import PROJECT_DIR, sqlite_uri
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +62,7 @@ def test_a_terminated_launcher_stops_its_superlink_and_simulation(tmp_path):
     """SIGTERM (timeout, kill, a scheduler) must not orphan the SuperLink, the simulation or Ray."""
     # Prepare: a real launcher run; its SuperLink writes .flwr/superlink-<port>/superlink.pid
     before = set(FLWR_STATE_DIR.glob("superlink-*/superlink.pid"))
-    launcher = subprocess.Popen([sys.executable, "-m", "fl_server.launch", "num_rounds=50", "clients.num=2"],
+    launcher = subprocess.Popen([sys.executable, "-m", "fl_server.runtime.launch", "num_rounds=50", "clients.num=2"],
                                 cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri(tmp_path)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid = None

@@ -8,8 +8,8 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
 
 from fl_clients import app as client_app
-from fl_server.config import compose_config
-from fl_server.experiment import run_experiment
+from fl_server.experiments.config import compose_config
+from fl_server.experiments.experiment import run_experiment
 from strategies.testing import FakeGrid
 
 FAST = ["num_rounds=2", "clients.num=4", "seed=1"]
@@ -142,7 +142,7 @@ def test_partial_participation_is_reproducible_whatever_the_node_ids(tracking_ur
 
 
 def test_a_device_that_cannot_hold_model_and_batch_fails_the_run_with_its_reason(tracking_uri):
-    from fl_clients.devices import ProfileError
+    from edgesim.devices import ProfileError
 
     cfg = compose_config([*FAST, "devices.profiles.jetson-nano.memory_gb=0.001"])
     with pytest.raises(ProfileError, match="profile 'jetson-nano' has 0.001 GB"):

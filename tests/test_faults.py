@@ -14,11 +14,11 @@ from flwr.serverapp.strategy import FedAvg
 from mlflow.tracking import MlflowClient
 
 from fl_clients import app as client_app
-from fl_clients.faults import FaultPlan, InjectedFault, corrupt, planned_fault
-from fl_server.config import compose_config
-from fl_server.experiment import run_experiment
-from fl_server.reply_checks import check_update, screen_replies
-from fl_server.rounds import RoundDriver, RoundFailedError
+from fl_common.faults import FaultPlan, InjectedFault, corrupt, planned_fault
+from fl_server.experiments.config import compose_config
+from fl_server.experiments.experiment import run_experiment
+from fl_server.engine.reply_checks import check_update, screen_replies
+from fl_server.engine.rounds import RoundDriver, RoundFailedError
 from strategies.testing import FakeGrid, arrays, ensure_task_identity, train_reply
 from tests.conftest import run_module, sqlite_uri
 
@@ -253,7 +253,7 @@ def test_a_run_whose_rounds_keep_failing_is_marked_failed_with_the_reason(tracki
 def test_failure_rates_in_a_real_simulation_are_counted_in_mlflow(tmp_path):
     uri = sqlite_uri(tmp_path)
     result = run_module(
-        "fl_server.launch", "clients.num=10", "num_rounds=3", "faults.fraction.error=[0.1,0.2,0.5]",
+        "fl_server.runtime.launch", "clients.num=10", "num_rounds=3", "faults.fraction.error=[0.1,0.2,0.5]",
         "faults.fraction.nan=0.1", env={"MLFLOW_TRACKING_URI": uri}, timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

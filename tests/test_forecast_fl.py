@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from fl_clients import app as client_app
 from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
 from fl_datasets.traces import TraceError
-from fl_server.config import ConfigError, compose_config
-from fl_server.experiment import run_experiment
+from fl_server.experiments.config import ConfigError, compose_config
+from fl_server.experiments.experiment import run_experiment
 from strategies.testing import FakeGrid
 from tests.conftest import GWA_DIR, requires_gwa, run_module, sqlite_uri
 
@@ -156,8 +156,8 @@ def test_forecaster_flops_match_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     import torch
-    from fl_clients.devices import forecaster_costs
-    from fl_clients.forecasters import build_forecaster
+    from tasks.forecast.models import forecaster_costs
+    from tasks.forecast.models import build_forecaster
 
     flops, params, _ = forecaster_costs("tcn", 1, 288, 12, False)
     model = build_forecaster("tcn", 1, 12)
@@ -184,7 +184,7 @@ def test_compare_script_tables_hand_computed():
 @pytest.mark.e2e
 def test_a_real_flower_simulation_trains_the_forecaster_per_site(tmp_path):
     uri = sqlite_uri(tmp_path)
-    result = run_module("fl_server.launch", *SMALL, "clients.num=3", env={"MLFLOW_TRACKING_URI": uri})
+    result = run_module("fl_server.runtime.launch", *SMALL, "clients.num=3", env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "MASE" in result.stdout and "s-naive MASE" in result.stdout  # forecasting summary columns
     client = MlflowClient(uri)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fl_clients.forecast_task import (
+from tasks.forecast.training import (
     evaluate_baselines,
     evaluate_forecaster,
     last_value_forecast,
@@ -23,7 +23,7 @@ from fl_clients.forecast_task import (
     smape,
     train_forecaster,
 )
-from fl_clients.forecasters import TCN, LSTMForecaster, build_forecaster
+from tasks.forecast.models import TCN, LSTMForecaster, build_forecaster
 from fl_datasets.traces import Normaliser, load_trace_dir, time_split
 
 from .conftest import GWA_DIR, requires_gwa

@@ -22,8 +22,8 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fl_clients import privacy
-from fl_server.config import ConfigError, compose_config
-from fl_server.experiment import run_experiment
+from fl_server.experiments.config import ConfigError, compose_config
+from fl_server.experiments.experiment import run_experiment
 from strategies.central_dp import CentralDP, wrap_central_dp
 from strategies.testing import FakeGrid, ensure_task_identity
 from tests.conftest import run_module
@@ -260,7 +260,7 @@ def test_combinations_that_cannot_work_are_refused_with_the_reason(overrides, me
 
 
 def test_the_launcher_reports_bad_privacy_input_in_one_line_with_exit_2():
-    result = run_module("fl_server.launch", "privacy=dpsgd", "privacy.dpsgd.delta=2", timeout=120)
+    result = run_module("fl_server.runtime.launch", "privacy=dpsgd", "privacy.dpsgd.delta=2", timeout=120)
     assert result.returncode == 2
     lines = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1
@@ -269,8 +269,8 @@ def test_the_launcher_reports_bad_privacy_input_in_one_line_with_exit_2():
 
 def test_default_run_sends_no_privacy_or_compression_keys():
     from fl_datasets.federated import DataSpec
-    from fl_server.experiment import train_config
+    from fl_server.experiments.experiment import train_config
 
     cfg = compose_config([])
-    keys = set(train_config(cfg, DataSpec.from_config(cfg)).keys())
+    keys = set(train_config(cfg).keys())
     assert not {k for k in keys if k.startswith(("dp-", "compress-", "central-dp"))}

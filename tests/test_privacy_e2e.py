@@ -31,7 +31,7 @@ def _epsilon(steps: int) -> float:
 
 def _launch(tmp_path, *overrides: str):
     uri = sqlite_uri(tmp_path)
-    result = run_module("fl_server.launch", *overrides, env={"MLFLOW_TRACKING_URI": uri})
+    result = run_module("fl_server.runtime.launch", *overrides, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -10,10 +10,10 @@ import torch
 from flwr.app import ArrayRecord
 
 from edgesim import Action, EdgeCloudTwin
-from fl_clients.rl import deploy, ppo, qmix
-from fl_clients.rl.spec import RLSpec, build_scenario, fault_list
-from fl_clients.rl_client import deployed_state
-from fl_server.rl_experiment import rounds_to_fraction_of_best
+from tasks.rl import deploy, ppo, qmix
+from tasks.rl.spec import RLSpec, build_scenario, fault_list
+from tasks.rl.task import deployed_state
+from tasks.rl.server import rounds_to_fraction_of_best
 
 torch.set_num_threads(1)
 TINY = dict(episode_s=64.0, faults="none", background="hold")  # one node failure-free minute of the twin

@@ -12,9 +12,9 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
 
 from fl_clients import app as client_app
-from fl_clients.rl_client import LOCAL_KEY
-from fl_server.config import ConfigError, compose_config
-from fl_server.experiment import run_experiment
+from tasks.rl.task import LOCAL_KEY
+from fl_server.experiments.config import ConfigError, compose_config
+from fl_server.experiments.experiment import run_experiment
 from strategies.testing import FakeGrid
 from tests.conftest import run_module, sqlite_uri
 
@@ -116,7 +116,7 @@ def test_an_interrupted_rl_run_resumes_from_its_last_checkpoint(tracking_uri, tm
         (["task=qmix", "clients.num=4"], r"clients.num=4 is too many for task=qmix: twin bitbrains has 3 edge clusters"),
         (["task=qmix", "task.mixer=sum"], r"task.mixer=sum is unknown"),
         (["task=ppo", "task.faults=quake"], r"task.faults=quake is unknown"),
-        (["task=ppo", "strategy=ass"], r"strategy=ass does not fit task=ppo"),
+        (["task=ppo", "strategy=ass"], r"strategy=ass weighs clients by per-class accuracy on public data, which task=ppo"),
         (["task=ppo", "task.forecaster=tcn"], r"task.forecaster=tcn is unknown: use seasonal-naive or federated:"),
         (["task=ppo", "+arm=vdn"], r"task.mixer=vdn \(\+arm=vdn\) needs task=qmix"),
         (["task=qmix", "clients.num=3", "+arm=ph"], r"task.personal_head=true \(\+arm=ph\) needs task=ppo"),
@@ -135,7 +135,7 @@ def test_bad_rl_config_is_one_clear_error(overrides, match):
 @pytest.mark.parametrize("task, clients", [("qmix", 2)])  # PPO: tests/test_rl_study.py runs it in a sweep
 def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
     uri = sqlite_uri(tmp_path)
-    result = run_module("fl_server.launch", f"task={task}", "strategy=fedavgm", f"clients.num={clients}", *TINY,
+    result = run_module("fl_server.runtime.launch", f"task={task}", "strategy=fedavgm", f"clients.num={clients}", *TINY,
                         f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client, run = only_run(uri)
@@ -146,9 +146,9 @@ def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
 
 def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(tracking_uri, tmp_path):
     # Prepare: a logged forecasting run (window 48, horizon 6) as task.forecaster
-    from fl_clients import rl_client
-    from fl_clients.rl import spec as rl_spec
-    from fl_clients.trained_forecaster import load_from_mlflow
+    from tasks.rl import task as rl_task
+    from tasks.rl import spec as rl_spec
+    from tasks.forecast.trained import load_from_mlflow
     from tests.test_trained_forecaster import logged_forecasting_run
 
     run_id, _ = logged_forecasting_run(tracking_uri)
@@ -159,9 +159,9 @@ def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(trac
     run_experiment(grid, cfg, tracking_uri)
     # Assert: every training message carries the model; a fresh process rebuilds the same forecaster from it
     train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
-    assert train and all(rl_client.FORECASTER_KEY in m.content["config"] for m in train)
+    assert train and all(rl_task.FORECASTER_KEY in m.content["config"] for m in train)
     rl_spec._INSTALLED.clear()  # as in a new Ray worker
-    spec = rl_client._spec(train[0].content["config"])
+    spec = rl_task._spec(train[0].content["config"])
     history = np.abs(np.random.default_rng(1).normal(20, 5, size=(12, 300, 1)))
     expected = load_from_mlflow(run_id, tracking_uri).forecast_fn(rl_spec.FORECAST_HORIZON)(history)
     np.testing.assert_array_equal(rl_spec.forecast_fn(spec)(history), expected)
@@ -172,7 +172,7 @@ def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(trac
 
 def test_an_rl_run_ends_with_fault_scenarios_and_baselines(tracking_uri, tmp_path):
     # Prepare
-    from fl_server.rl_evaluation import BASELINE_KEYS, BASELINES, FAULT_MEASURES, FAULTS
+    from tasks.rl.evaluation import BASELINE_KEYS, BASELINES, FAULT_MEASURES, FAULTS
 
     cfg = compose_config(["task=ppo", "clients.num=2", *TINY, "num_rounds=1", f"checkpoint.dir={tmp_path}"])
     # Execute
@@ -190,7 +190,7 @@ def test_an_rl_run_ends_with_fault_scenarios_and_baselines(tracking_uri, tmp_pat
 
 
 def test_an_unknown_forecasting_run_is_one_clear_error(tracking_uri):
-    from fl_clients.rl.spec import RLSpec, forecaster_payload
+    from tasks.rl.spec import RLSpec, forecaster_payload
 
     cfg = compose_config(["task=ppo", "task.forecaster=federated:0123456789abcdef"])
     with pytest.raises(ValueError, match=r"federated:0123456789abcdef: no such MLflow run"):

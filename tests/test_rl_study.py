@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fl_server.rl_evaluation import FAULTS
+from tasks.rl.evaluation import FAULTS
 from scripts.rl_study import (
     COLUMNS,
     ablation_table,
@@ -125,8 +125,8 @@ def test_a_hydra_escaped_override_survives_flowers_run_config():
     # Hydra hands sweep jobs 'task.forecaster=federated\:<id>'; flwr parses each --run-config pair as TOML
     from flwr.common.config import parse_config_args
 
-    from fl_server.config import split_overrides
-    from fl_server.launch import run_config
+    from fl_server.experiments.config import split_overrides
+    from fl_server.runtime.launch import run_config
 
     overrides = ["task.forecaster=federated\\:abc123", "seed=1"]
     args = run_config(overrides, "sqlite:///x.db", None)

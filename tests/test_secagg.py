@@ -12,12 +12,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from fl_clients import compression as comp
+from fl_common import compression as comp
 from fl_datasets.federated import DataSpec
-from fl_server.config import compose_config
-from fl_server.experiment import run_experiment, train_config
-from fl_server.secagg import SecAggSettings, secure_average
-from fl_clients.models import build_model
+from fl_server.experiments.config import compose_config
+from fl_server.experiments.experiment import run_experiment, train_config
+from fl_server.engine.secagg import SecAggSettings, secure_average
+from tasks.image.models import build_model
 from strategies.testing import FakeGrid
 from tests.privacy_helpers import history, only_run, stateful_clients, wire
 
@@ -38,7 +38,7 @@ class RecordingGrid(FakeGrid):
 
 
 def _round_messages(cfg, arrays: ArrayRecord, grid) -> list[Message]:
-    config = ConfigRecord(dict(train_config(cfg, DataSpec.from_config(cfg))))
+    config = ConfigRecord(dict(train_config(cfg)))
     return list(FedAvg(min_available_nodes=3, min_train_nodes=3).configure_train(1, arrays, config, grid))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fl_server.tracking import FAILURE_TAG, RunTracker, mark_failed
+from fl_server.experiments.tracking import FAILURE_TAG, RunTracker, mark_failed
 
 
 def test_queued_metrics_and_params_are_all_written_in_order(tracking_uri):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_clients.forecast_task import predict
-from fl_clients.forecasters import build_forecaster
-from fl_clients.trained_forecaster import TrainedForecaster, load_from_mlflow
-from fl_server.config import compose_config, flatten
-from fl_server.tracking import RunTracker
+from tasks.forecast.training import predict
+from tasks.forecast.models import build_forecaster
+from tasks.forecast.trained import TrainedForecaster, load_from_mlflow
+from fl_server.experiments.config import compose_config, flatten
+from fl_server.experiments.tracking import RunTracker
 
 
 def logged_forecasting_run(uri: str, *overrides: str) -> tuple[str, object]:
@@ -42,7 +42,7 @@ def test_not_a_forecasting_run_is_refused(tracking_uri):
     tracker = RunTracker(tracking_uri, experiment="t", run_name="image")
     tracker.log_params(flatten(compose_config([])))
     tracker.finish()
-    with pytest.raises(ValueError, match=r"is not a forecasting run \(task.kind=None\)"):
+    with pytest.raises(ValueError, match=r"is not a forecasting run \(task.kind=image\)"):
         load_from_mlflow(tracker.run_id, tracking_uri)
 
 

@@ -16,7 +16,7 @@ def test_shipped_configs_load():
     assert synthetic.network.edge_cloud_rtt_ms == (20.0, 40.0)
     assert synthetic.shield.migration_cap_per_min == 2
     assert [type(f).__name__ for f in synthetic.faults] == ["NodeFailure", "CloudOutage", "PacketLoss"]
-    # device figures come from conf/devices/mixed.yaml via fl_clients.devices.Fleet
+    # device figures come from conf/devices/mixed.yaml via edgesim.devices.Fleet
     assert synthetic.profiles["jetson-nano"].active_w == 10
     assert synthetic.nodes.full_rate[2] == pytest.approx(0.236e3 * 0.3 / 1.0)
 

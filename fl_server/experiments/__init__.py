@@ -1,0 +1,1 @@
+"""Experiments: config composition and validation, the one experiment skeleton, MLflow tracking."""

@@ -1,0 +1,1 @@
+"""Runtime: the launcher, our SuperLink, the Deployment Engine on loopback, certificates, progress events."""

@@ -1,0 +1,1 @@
+"""Federated tasks: each is one folder behind one interface (:mod:`tasks.base`)."""

@@ -1,0 +1,1 @@
+"""Federated workload forecasting: one edge site per client (TCN / LSTM)."""

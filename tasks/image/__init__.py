@@ -1,0 +1,1 @@
+"""Image classification under class imbalance (MNIST 5k, MedMNIST)."""
