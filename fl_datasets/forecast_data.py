@@ -41,14 +41,19 @@ class ForecastSpec:
         Input steps W, forecast steps H, seasonal period (MASE scale and the
         seasonal-naive baseline), all in grid steps.
     columns : tuple of str
-        Resource columns forecast (e.g. CPU %, memory KB).
+        Resource columns forecast, e.g. ``("cpu_usage_pct",)`` for CPU %,
+        ``("mem_usage_kb",)`` for memory, or both; any of
+        :data:`fl_datasets.traces.VALUE_COLUMNS` for a trace directory.
     trace_dir : str or None
-        A GWA-T-12 month folder; None = the synthetic generator.
+        A GWA-T-12 month folder; None = the synthetic generator. VMs that do
+        not cover the month's common window are left out first (see
+        :func:`fl_datasets.traces.load_trace_dir`).
     synthetic_profile, synthetic_steps : str, int
         The generator's load level and length (used when ``trace_dir`` is None).
     site_selection : {"busiest", "first"}
         Which ``num_clients`` sites of a larger trace set are used; "busiest"
-        ranks by mean CPU over the training slice only (no peeking at the test).
+        ranks by mean CPU over the training slice only (no peeking at the test),
+        or by the first column when CPU is not among ``columns``.
     train_fraction, val_fraction : float
         Time split; the test slice is the rest.
     train_stride : int
@@ -131,11 +136,25 @@ class SiteData:
 
 @dataclass(frozen=True, eq=False)
 class FederatedForecastData:
-    """All sites, in client (partition) order."""
+    """All sites, in client (partition) order.
+
+    Attributes
+    ----------
+    sites : tuple of SiteData
+    step_s : int
+    columns : tuple of str
+    left_out : tuple of str
+        VMs of the trace directory left out because their span does not cover
+        the common window (empty for synthetic series), for the run's log.
+    left_out_note : str
+        One line saying how many were left out and why; "" if none.
+    """
 
     sites: tuple[SiteData, ...]
     step_s: int
     columns: tuple[str, ...]
+    left_out: tuple[str, ...] = ()
+    left_out_note: str = ""
 
     def site_ids(self) -> list[str]:
         return [s.site for s in self.sites]
@@ -168,7 +187,10 @@ def build_forecast_data(spec: ForecastSpec) -> FederatedForecastData:
         )
     chosen = _select_sites(traces, spec, train)
     sites = tuple(_prepare_site(traces, i, spec, (train, val, test)) for i in chosen)
-    return FederatedForecastData(sites=sites, step_s=traces.step_s, columns=traces.columns)
+    return FederatedForecastData(
+        sites=sites, step_s=traces.step_s, columns=traces.columns,
+        left_out=tuple(traces.left_out), left_out_note=traces.left_out_summary(),
+    )
 
 
 def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[slice, slice, slice]) -> SiteData:
@@ -192,8 +214,10 @@ def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[sl
 def _select_sites(traces: TraceSet, spec: ForecastSpec, train: slice) -> list[int]:
     available = len(traces.sites)
     if spec.num_clients > available:
+        sites = "site" if available == 1 else "sites"
+        why = f" on a common time window ({traces.left_out_summary()})" if traces.left_out else ""
         raise TraceError(
-            f"clients.num={spec.num_clients} but the traces hold only {available} sites: "
+            f"clients.num={spec.num_clients} but the traces hold only {available} {sites}{why}: "
             f"use clients.num<={available} or a directory with more VMs"
         )
     if spec.site_selection == "first":
@@ -215,7 +239,8 @@ def _series(spec: ForecastSpec) -> TraceSet:
     cached = _cache_path(spec)
     if cached is not None and cached.exists():
         return _load_cached(cached)
-    traces = load_trace_dir(spec.trace_dir, columns=spec.columns)
+    # min_sites: the common window must keep enough VMs for every client.
+    traces = load_trace_dir(spec.trace_dir, columns=spec.columns, min_sites=spec.num_clients)
     if cached is not None:
         _save_cached(cached, traces)
     return traces
@@ -236,7 +261,9 @@ def _cache_path(spec: ForecastSpec) -> Path | None:
     root = os.environ.get(CACHE_ENV)
     if not root:
         return None
-    key = json.dumps({"dir": str(Path(spec.trace_dir).resolve()), "columns": spec.columns})
+    # num_clients is in the key because it can change the common window.
+    key = json.dumps({"dir": str(Path(spec.trace_dir).resolve()), "columns": spec.columns,
+                      "min_sites": spec.num_clients})
     return Path(root) / f"traces-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
@@ -246,6 +273,8 @@ def _save_cached(path: Path, traces: TraceSet) -> None:
     np.savez(
         tmp, values=traces.values, mask=traces.mask, timestamps=traces.timestamps,
         sites=np.array(traces.sites), columns=np.array(traces.columns), step_s=traces.step_s,
+        left_out_sites=np.array(list(traces.left_out), dtype=str),
+        left_out_reasons=np.array(list(traces.left_out.values()), dtype=str),
     )
     os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
 
@@ -260,4 +289,5 @@ def _load_cached(path: Path) -> TraceSet:
             gaps={},  # reported by the process that parsed the files
             columns=tuple(str(c) for c in f["columns"]),
             step_s=int(f["step_s"]),
+            left_out=dict(zip(f["left_out_sites"].tolist(), f["left_out_reasons"].tolist())),
         )

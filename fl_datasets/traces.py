@@ -8,15 +8,17 @@ fields are separated by ``";"`` followed by a tab. Despite its name, the
 Pipeline: :func:`read_vm_trace` parses one file strictly (a corrupt row is an
 error naming the file and line), :func:`resample_to_grid` aligns it to a
 fixed step and fills short gaps, :func:`load_trace_dir` stacks many VMs on
-their common time span, and :class:`Normaliser` / :func:`time_split` prepare
-forecasting inputs without leaking the future into training statistics.
+a common time window (leaving out, and reporting, VMs that start late or end
+early), and :class:`Normaliser` / :func:`time_split` prepare forecasting
+inputs without leaking the future into training statistics.
 Nothing is cached on disk: a 32-VM month loads in well under a second.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -47,6 +49,9 @@ EXPECTED_LAYOUT = (
 
 class TraceError(ValueError):
     """Missing or corrupt trace data; the message names the file and the fix."""
+
+
+_LOG = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------- one file
@@ -349,6 +354,10 @@ class TraceSet:
         Names of the last axis of ``values``.
     step_s : int
         Grid step in seconds.
+    left_out : dict of str to str
+        VMs of the directory not in ``sites`` because their span does not
+        cover the common window, each with why (e.g. ``"starts late, at
+        2013-09-03 10:05 UTC"``); empty if none.
     """
 
     sites: tuple[str, ...]
@@ -358,6 +367,29 @@ class TraceSet:
     gaps: dict[str, GapReport]
     columns: tuple[str, ...] = ("cpu_usage_pct", "mem_usage_kb")
     step_s: int = 300
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def left_out_summary(self, max_listed: int = 5) -> str:
+        """One line saying how many VMs were left out and why; "" if none.
+
+        Parameters
+        ----------
+        max_listed : int, default 5
+            VMs named with their reason; the rest are only counted (a full
+            month can leave out dozens).
+        """
+        if not self.left_out:
+            return ""
+        n_out, n_kept = len(self.left_out), len(self.sites)
+        named = [f"VM {site} {why}" for site, why in list(self.left_out.items())[:max_listed]]
+        if n_out > max_listed:
+            named.append(f"{n_out - max_listed} more")
+        window = f"{_utc(self.timestamps[0])}..{_utc(self.timestamps[-1])} UTC"
+        return (
+            f"{n_out} of {n_out + n_kept} VMs left out for not covering the common window {window} "
+            f"({len(self.timestamps)} steps of {self.step_s} s, kept by {n_kept} VM{'s' * (n_kept != 1)}): "
+            + "; ".join(named)
+        )
 
 
 def load_trace_dir(
@@ -365,12 +397,19 @@ def load_trace_dir(
     columns: tuple[str, ...] = ("cpu_usage_pct", "mem_usage_kb"),
     step_s: int = 300,
     max_interp_gap_steps: int = 3,
+    min_sites: int = 1,
 ) -> TraceSet:
-    """Load every ``*.csv`` trace in a directory onto one common grid.
+    """Load the ``*.csv`` traces of a directory onto one common time window.
 
-    The grid is the intersection of the sites' spans (latest first bin to
-    earliest last bin), so every site has a value, real, interpolated or
-    masked, at every step; in GWA-T-12 all VMs of a month share their span.
+    Site selection rule: every VM spans ``[first, last]`` grid step; a window
+    ``[start, stop]`` keeps the VMs whose span covers it. The window chosen is
+    the one that keeps the most data, i.e. maximises (VMs kept) x (steps),
+    among the windows at least ``min_sites`` VMs cover (ties: more VMs).
+    VMs that start after or end before it are left out, logged as a warning
+    and listed in :attr:`TraceSet.left_out`. When all VMs share one span (as
+    in the shared 2013-8 VMs) nothing is left out; a VM starting a few steps
+    late costs those steps to every VM instead of being dropped, because that
+    keeps more data.
 
     Parameters
     ----------
@@ -383,34 +422,144 @@ def load_trace_dir(
         Grid step in seconds, passed to :func:`resample_to_grid`.
     max_interp_gap_steps : int, default 3
         Longest gap interpolated, passed to :func:`resample_to_grid`.
+    min_sites : int, default 1
+        Fewest VMs the window must keep (a caller that needs k sites passes
+        k). If no window is covered by that many, the window most VMs cover
+        is used and the result holds fewer sites: the caller, which knows
+        what the sites are for, decides whether that is an error.
 
     Returns
     -------
     TraceSet
+        The kept VMs in numeric id order, cropped to the window.
+
+    Raises
+    ------
+    TraceError
+        Missing directory, no ``*.csv`` file, or a corrupt file.
+    ValueError
+        Unknown or no ``columns``, or ``min_sites`` < 1.
     """
-    unknown = [c for c in columns if c not in VALUE_COLUMNS]
-    if unknown or not columns:
-        raise ValueError(f"columns {list(columns)}: choose one or more of {list(VALUE_COLUMNS)}")
+    _check_columns(columns)
+    if min_sites < 1:
+        raise ValueError(f"min_sites={min_sites}: ask for at least 1 site")
     files = _trace_files(Path(directory))
-    grids = [resample_to_grid(read_vm_trace(f), step_s, max_interp_gap_steps) for f in files]
-    start = max(frame.index[0] for frame, _, _ in grids)
-    stop = min(frame.index[-1] for frame, _, _ in grids)
-    if start > stop:
-        raise TraceError(f"{directory}: the VMs' time spans do not overlap; load months separately")
-    n = (stop - start) // step_s + 1
-    offsets = [(start - frame.index[0]) // step_s for frame, _, _ in grids]
-    values = np.stack([f[list(columns)].to_numpy()[o : o + n] for (f, _, _), o in zip(grids, offsets)])
-    mask = np.stack([m[o : o + n] for (_, m, _), o in zip(grids, offsets)])
-    sites = tuple(f.stem for f in files)
-    return TraceSet(
-        sites=sites,
+    # Only the kept columns are resampled: a 500-VM month with all ten would
+    # hold ~350 MB of float64 grids at once.
+    wanted = ["timestamp_s", *columns]
+    grids = [resample_to_grid(read_vm_trace(f)[wanted], step_s, max_interp_gap_steps) for f in files]
+    firsts = np.array([frame.index[0] for frame, _, _ in grids], dtype=np.int64)
+    lasts = np.array([frame.index[-1] for frame, _, _ in grids], dtype=np.int64)
+    start, stop = common_window(firsts, lasts, step_s, min_sites)
+    covers = (firsts <= start) & (lasts >= stop)
+    kept = {f.stem: grid for f, grid, keep in zip(files, grids, covers) if keep}
+    timestamps = np.arange(start, stop + step_s, step_s, dtype=np.int64)
+    values, mask = _crop_to(timestamps, [(frame, frame_mask) for frame, frame_mask, _ in kept.values()])
+    traces = TraceSet(
+        sites=tuple(kept),
         values=values.astype(np.float32),
         mask=mask,
-        timestamps=np.arange(start, stop + step_s, step_s, dtype=np.int64),
-        gaps={site: report for site, (_, _, report) in zip(sites, grids)},
+        timestamps=timestamps,
+        gaps={site: report for site, (_, _, report) in kept.items()},
         columns=tuple(columns),
         step_s=step_s,
+        left_out=_left_out_reasons(files, firsts, lasts, start, stop),
     )
+    if traces.left_out:
+        _LOG.warning("%s: %s", directory, traces.left_out_summary())
+    return traces
+
+
+def _crop_to(
+    timestamps: np.ndarray, grids: list[tuple[pd.DataFrame, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack each site's values and mask at ``timestamps``, a window that lies
+    inside every site's span (so each crop has exactly that many rows)."""
+    n = len(timestamps)
+    offsets = [int(np.searchsorted(frame.index.to_numpy(), timestamps[0])) for frame, _ in grids]
+    values = np.stack([frame.to_numpy()[o : o + n] for (frame, _), o in zip(grids, offsets)])
+    return values, np.stack([mask[o : o + n] for (_, mask), o in zip(grids, offsets)])
+
+
+def _check_columns(columns: tuple[str, ...]) -> None:
+    """Refuse unknown column names before any file is parsed."""
+    unknown = [c for c in columns if c not in VALUE_COLUMNS]
+    if unknown or not columns:
+        problem = f"unknown column(s) {unknown}" if unknown else "no column"
+        raise ValueError(
+            f"columns={list(columns)}: {problem}; choose one or more of {list(VALUE_COLUMNS)} "
+            "(e.g. cpu_usage_pct for CPU, mem_usage_kb for memory)"
+        )
+
+
+def common_window(firsts: np.ndarray, lasts: np.ndarray, step_s: int, min_sites: int = 1) -> tuple[int, int]:
+    """The window keeping the most VM-steps that at least ``min_sites`` VMs cover.
+
+    Parameters
+    ----------
+    firsts, lasts : numpy.ndarray of int64, shape (VMs,)
+        Each VM's first and last grid time (seconds, multiples of ``step_s``).
+    step_s : int
+        Grid step in seconds.
+    min_sites : int, default 1
+        Fewest VMs the window must be covered by; if no window has that many,
+        the best of the windows that the most VMs cover is returned.
+
+    Returns
+    -------
+    (start, stop) : tuple of int
+        Grid times of the window's first and last step. A VM covers it if
+        ``first <= start`` and ``last >= stop``. Among windows, the largest
+        (VMs covering) x (steps) wins; ties go to more VMs, then the earlier
+        start.
+    """
+    starts, stops, covering = _candidate_windows(firsts, lasts)
+    # Enough VMs if possible; otherwise as many as any window has.
+    enough = covering >= min(min_sites, int(covering.max()))
+    starts, stops, covering = starts[enough], stops[enough], covering[enough]
+    vm_steps = covering * ((stops - starts) // step_s + 1)
+    best = np.lexsort((starts, -covering, -vm_steps))[0]  # last key sorts first
+    return int(starts[best]), int(stops[best])
+
+
+def _candidate_windows(firsts: np.ndarray, lasts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every window worth considering, with how many VMs cover it.
+
+    An optimal window starts at some VM's first step and stops at some VM's
+    last step (otherwise it could grow without losing a VM). For a start,
+    the VMs already running are sorted by last step, latest first: the window
+    stopping at the k-th of them is covered by k VMs (by more when several
+    share that last step, which the later duplicate counts). O(VMs^2 log VMs):
+    a few milliseconds for a 500-VM month.
+    """
+    starts, stops, covering = [], [], []
+    for start in np.unique(firsts):
+        running = np.sort(lasts[(firsts <= start) & (lasts >= start)])[::-1]
+        starts.append(np.full(len(running), start, dtype=np.int64))
+        stops.append(running)
+        covering.append(np.arange(1, len(running) + 1, dtype=np.int64))
+    return np.concatenate(starts), np.concatenate(stops), np.concatenate(covering)
+
+
+def _left_out_reasons(
+    files: list[Path], firsts: np.ndarray, lasts: np.ndarray, start: int, stop: int
+) -> dict[str, str]:
+    """Why each VM whose span does not cover ``[start, stop]`` is left out."""
+    reasons = {}
+    for path, first, last in zip(files, firsts, lasts):
+        why = []
+        if first > start:
+            why.append(f"starts late, at {_utc(first)} UTC")
+        if last < stop:
+            why.append(f"ends early, at {_utc(last)} UTC")
+        if why:
+            reasons[path.stem] = " and ".join(why)
+    return reasons
+
+
+def _utc(seconds: int) -> str:
+    """Grid time as a UTC date and minute, e.g. "2013-09-03 10:05"."""
+    return pd.Timestamp(int(seconds), unit="s").strftime("%Y-%m-%d %H:%M")
 
 
 def _trace_files(directory: Path) -> list[Path]:

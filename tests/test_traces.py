@@ -3,18 +3,22 @@ time splits and the synthetic workload generator."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
 from fl_datasets.synthetic import synthetic_workload
 from fl_datasets.traces import (
     COLUMNS,
     GapReport,
     Normaliser,
     TraceError,
+    TraceSet,
+    common_window,
     load_trace_dir,
     read_vm_trace,
     resample_to_grid,
@@ -145,7 +149,8 @@ def test_resample_gap_limit_is_inclusive(gap, interpolated):
 
 def test_load_trace_dir_intersects_spans_and_sorts_ids(tmp_path):
     # Prepare: VM "10" covers steps 0..5, VM "2" steps 2..7, so the common
-    # grid is steps 2..5; "2" must sort before "10" (numeric, not text).
+    # grid is steps 2..5 (2 VMs x 4 steps = 8 VM-steps beats 1 VM x 6 steps);
+    # "2" must sort before "10" (numeric, not text).
     write_trace(tmp_path / "10.csv", [trace_row(300 * k, cpu_pct=k) for k in range(6)])
     write_trace(tmp_path / "2.csv", [trace_row(300 * k, cpu_pct=10 * k) for k in range(2, 8)])
     # Execute
@@ -155,6 +160,157 @@ def test_load_trace_dir_intersects_spans_and_sorts_ids(tmp_path):
     assert ts.timestamps.tolist() == [600, 900, 1200, 1500]
     np.testing.assert_array_equal(ts.values[:, :, 0], [[20, 30, 40, 50], [2, 3, 4, 5]])
     assert ts.mask.all()
+
+
+# ------------------------------------------------- site selection rule
+
+SEP_1_2013 = 1377993600  # 2013-09-01 00:00 UTC, in seconds since the epoch
+
+
+def write_span(directory: Path, site: str, first_step: int, last_step: int) -> None:
+    """VM ``site`` sampled every 300 s from ``first_step`` to ``last_step``."""
+    steps = range(first_step, last_step + 1)
+    rows = [trace_row(SEP_1_2013 + 300 * k, cpu_pct=k % 7, mem_kb=1000.0 + k) for k in steps]
+    write_trace(directory / f"{site}.csv", rows)
+
+
+def test_vms_that_start_late_or_end_early_are_left_out_and_counted(tmp_path, caplog):
+    # Prepare: 40 steps (00:00..03:15). VMs 1-3 cover all of them, VM 4
+    # starts at step 30 (02:30), VM 5 ends at step 9 (00:45). The five share
+    # no step (30 > 9), which the old loader refused ("do not overlap").
+    # VM-steps: steps 0..39 keep 3 VMs x 40 = 120; steps 0..9 keep 4 x 10 =
+    # 40; steps 30..39 keep 4 x 10 = 40; so the rule picks the full window.
+    for site in ("1", "2", "3"):
+        write_span(tmp_path, site, 0, 39)
+    write_span(tmp_path, "4", 30, 39)
+    write_span(tmp_path, "5", 0, 9)
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fl_datasets.traces"):
+        ts = load_trace_dir(tmp_path, columns=("cpu_usage_pct",))
+    # Assert
+    assert ts.sites == ("1", "2", "3")
+    assert ts.timestamps.tolist() == [SEP_1_2013 + 300 * k for k in range(40)]
+    assert ts.values.shape == (3, 40, 1) and ts.mask.all()
+    assert set(ts.gaps) == {"1", "2", "3"}
+    assert ts.left_out == {"4": "starts late, at 2013-09-01 02:30 UTC", "5": "ends early, at 2013-09-01 00:45 UTC"}
+    summary = ts.left_out_summary()
+    assert summary == (
+        "2 of 5 VMs left out for not covering the common window 2013-09-01 00:00..2013-09-01 03:15 UTC "
+        "(40 steps of 300 s, kept by 3 VMs): VM 4 starts late, at 2013-09-01 02:30 UTC; "
+        "VM 5 ends early, at 2013-09-01 00:45 UTC"
+    )
+    assert summary in caplog.text
+
+
+def test_a_vm_one_step_late_crops_the_window_instead_of_being_dropped(tmp_path):
+    # Prepare: VM 5 starts at step 1 of 12. Keeping it costs one step to
+    # all: 5 VMs x 11 steps = 55 > 4 VMs x 12 steps = 48.
+    for site in ("1", "2", "3", "4"):
+        write_span(tmp_path, site, 0, 11)
+    write_span(tmp_path, "5", 1, 11)
+    # Execute
+    ts = load_trace_dir(tmp_path, columns=("cpu_usage_pct",))
+    # Assert
+    assert ts.sites == ("1", "2", "3", "4", "5")
+    assert ts.timestamps[0] == SEP_1_2013 + 300 and len(ts.timestamps) == 11
+    assert ts.left_out == {} and ts.left_out_summary() == ""
+
+
+def test_left_out_summary_names_a_few_and_counts_the_rest():
+    # Prepare: 1 kept VM over 2 steps, 3 left out; name only the first.
+    ts = TraceSet(
+        sites=("1",), values=np.zeros((1, 2, 1), np.float32), mask=np.ones((1, 2), bool),
+        timestamps=np.array([SEP_1_2013, SEP_1_2013 + 300]), gaps={},
+        left_out={"7": "ends early, at 2013-08-31 23:55 UTC", "8": "x", "9": "y"},
+    )
+    # Execute
+    summary = ts.left_out_summary(max_listed=1)
+    # Assert
+    assert summary.startswith("3 of 4 VMs left out")
+    assert summary.endswith("(2 steps of 300 s, kept by 1 VM): VM 7 ends early, at 2013-08-31 23:55 UTC; 2 more")
+
+
+@pytest.mark.parametrize(
+    "min_sites, window_steps, kept",
+    [
+        (1, (0, 11), 2),  # 2 VMs x 12 steps = 24 beats 5 x 4 = 20
+        (3, (0, 3), 5),  # a window must keep 3 VMs: only steps 0..3 do
+    ],
+)
+def test_min_sites_can_choose_a_shorter_window(min_sites, window_steps, kept):
+    # Prepare: spans as (first, last) grid times; VMs 3-5 end at step 3.
+    firsts = np.zeros(5, dtype=np.int64)
+    lasts = 300 * np.array([11, 11, 3, 3, 3], dtype=np.int64)
+    # Execute
+    start, stop = common_window(firsts, lasts, step_s=300, min_sites=min_sites)
+    # Assert
+    assert (start, stop) == (300 * window_steps[0], 300 * window_steps[1])
+    assert int(((firsts <= start) & (lasts >= stop)).sum()) == kept
+
+
+def test_no_window_shared_by_enough_vms_is_one_clear_error(tmp_path):
+    # Prepare: three VMs one after the other (steps 0-19, 20-39, 40-59), so
+    # no step is covered by the 2 clients asked for. Each alone keeps 20
+    # VM-steps; the tie goes to the earliest start, VM 1.
+    for k, site in enumerate(("1", "2", "3")):
+        write_span(tmp_path, site, 20 * k, 20 * k + 19)
+    spec = ForecastSpec(num_clients=2, window=2, horizon=1, season=2, trace_dir=str(tmp_path), train_stride=1)
+    # Execute / Assert
+    with pytest.raises(
+        TraceError,
+        match=r"clients.num=2 but the traces hold only 1 site on a common time window \(2 of 3 VMs left out "
+        r".*: VM 2 starts late, at 2013-09-01 01:40 UTC; VM 3 starts late, .*\): use clients.num<=1 ",
+    ):
+        build_forecast_data(spec)
+
+
+def test_left_out_report_reaches_the_forecast_data_through_the_cache(tmp_path, monkeypatch):
+    # Prepare: the 5-VM month of the first test; the cache is written, then read.
+    month = tmp_path / "month"
+    month.mkdir()
+    for site in ("1", "2", "3"):
+        write_span(month, site, 0, 39)
+    write_span(month, "4", 30, 39)
+    write_span(month, "5", 0, 9)
+    monkeypatch.setenv("FEDCONTINUUM_CACHE_DIR", str(tmp_path / "cache"))
+    spec = ForecastSpec(num_clients=3, window=4, horizon=2, season=4, trace_dir=str(month), train_stride=1)
+    # Execute
+    parsed = build_forecast_data(spec)
+    build_forecast_data.cache_clear()
+    cached = build_forecast_data(spec)
+    # Assert
+    for data in (parsed, cached):
+        assert data.site_ids() == ["1", "2", "3"]
+        assert data.left_out == ("4", "5")
+        assert data.left_out_note.startswith("2 of 5 VMs left out")
+
+
+def test_memory_target_and_unknown_column(tmp_path):
+    # Prepare: memory usage is 1000 + step KB.
+    write_span(tmp_path, "1", 0, 5)
+    # Execute
+    ts = load_trace_dir(tmp_path, columns=("mem_usage_kb",))
+    # Assert
+    np.testing.assert_array_equal(ts.values[0, :, 0], [1000, 1001, 1002, 1003, 1004, 1005])
+    with pytest.raises(ValueError, match=r"columns=\['mem_kb'\]: unknown column\(s\) \['mem_kb'\]; "
+                                         r"choose one or more of \[.*'mem_usage_kb'"):
+        load_trace_dir(tmp_path, columns=("mem_kb",))
+
+
+@requires_gwa
+def test_real_month_cpu_and_memory_targets():
+    # Prepare
+    spec = ForecastSpec(num_clients=3, window=288, horizon=12, season=288, trace_dir=str(GWA_DIR),
+                        columns=("cpu_usage_pct", "mem_usage_kb"), train_stride=64)
+    # Execute
+    data = build_forecast_data(spec)
+    # Assert: all 32 VMs share August's span, so none is left out.
+    assert data.columns == ("cpu_usage_pct", "mem_usage_kb")
+    assert data.left_out == () and data.left_out_note == ""
+    for site in data.sites:
+        assert site.train[0].shape[1:] == (288, 2) and site.test[1].shape[1:] == (12, 2)
+        memory = site.y_train[:, 1]
+        assert np.nanmin(memory) > 0  # KB used, never zero in August
 
 
 # ------------------------------------------------------------ normaliser
