@@ -179,7 +179,8 @@ class ThresholdAutoscaler(_Controller):
         limit = twin.replica_limit()
         rate = twin.nodes.replica_rate
         bins = limit * rate * self.upper  # load each node may take at the upper threshold
-        share, load = first_fit_decreasing(demand, bins, twin.nodes.cluster, twin.state.alive, twin.state.cloud_up[twin.shield.region_of_node])
+        share, load = first_fit_decreasing(demand, bins, twin.nodes.cluster, twin.state.alive,
+                                           twin.state.cloud_up[twin.shield.region_of_node])
         s = twin.state
         current = s.replicas + s.pending_total
         utilisation = np.divide(load, current * rate, out=np.full(twin.num_nodes, np.inf), where=current > 0)

@@ -769,7 +769,8 @@ def _node_failure(fault: Mapping[str, Any], where: str, scenario: Scenario, clai
         raise EdgeSimError(f"{where}: node failures add up to more than the {scenario.num_nodes} edge nodes; lower the fractions")
     at_step = _number(fault, "at_step", where, nonneg=True, integer=True)
     if at_step >= scenario.episode_steps:
-        raise EdgeSimError(f"{where}.at_step={at_step} is past the episode ({scenario.episode_steps} steps): use a step in [0, {scenario.episode_steps})")
+        raise EdgeSimError(f"{where}.at_step={at_step} is past the episode ({scenario.episode_steps} steps): "
+                           f"use a step in [0, {scenario.episode_steps})")
     duration = fault.get("duration_s")
     if duration is not None:
         duration = _number(fault, "duration_s", where, positive=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def seasonal_naive_forecast(history: np.ndarray, horizon: int, season: int) -> np.ndarray:
     """Repeat the last observed season: ``yhat[t+h] = y[t+h - m*ceil(h/m)]``.
 

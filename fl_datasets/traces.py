@@ -143,13 +143,13 @@ def _row_problem(fields: list[str], n_fields: int) -> str | None:
     """Why one data row is invalid, or None if it is fine."""
     if len(fields) != n_fields:
         return f"{len(fields)} fields where the header has {n_fields}"
-    for position, field in enumerate(fields, start=1):
+    for position, column in enumerate(fields, start=1):
         try:
-            value = float(field)  # float() strips the tab after ';' itself
+            value = float(column)  # float() strips the tab after ';' itself
         except ValueError:
-            return f"field {position} is {field.strip()!r}, not a number"
+            return f"field {position} is {column.strip()!r}, not a number"
         if not math.isfinite(value):
-            return f"field {position} is {field.strip()!r}, not a finite number"
+            return f"field {position} is {column.strip()!r}, not a finite number"
     return None
 
 

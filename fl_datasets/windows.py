@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def window_ends(mask: np.ndarray, window: int, horizon: int) -> np.ndarray:
     """Forecast origins ``t`` whose whole window and horizon are valid.
 

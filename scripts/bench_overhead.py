@@ -51,7 +51,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fl_server.runtime import progress
+from fl_server.experiments import progress
 from fl_server.experiments.config import PROJECT_DIR
 from fl_server.runtime.superlink import CONNECTION, LocalSuperLink, SuperLinkError
 
@@ -182,7 +182,8 @@ def run_platform(repeat: int, out_dir: Path, timeout_s: float) -> Measurement:
     rounds = {int(e["round"]): (t, e) for t, e in events if e.get("kind") == "round"}
     if finished:
         m.accuracy = float(finished[-1].get("test_accuracy", float("nan")))
-    m.round_times = [float(rounds[r][1]["round_wall_time_s"]) for r in range(2, NUM_ROUNDS + 1) if r in rounds and "round_wall_time_s" in rounds[r][1]]
+    m.round_times = [float(rounds[r][1]["round_wall_time_s"]) for r in range(2, NUM_ROUNDS + 1)
+                     if r in rounds and "round_wall_time_s" in rounds[r][1]]
     if len(m.round_times) == NUM_ROUNDS - 1:
         m.round_s = statistics.fmean(m.round_times)
     m.cycle_s = _cycle({r: t for r, (t, _) in rounds.items()})
@@ -272,7 +273,8 @@ def summary(results: list[Measurement], repeats: int) -> tuple[Table, dict[str, 
         }
     base = stats["plain"]
     table = Table(title=f"fedcontinuum overhead vs plain Flower FedAvg ({repeats} repeats, alternating)", title_justify="left")
-    for name in ("variant", "repeats", "wall s (mean ± sd)", "pre-run s", "in run s", "post-run s", "round s", "cycle s", "accuracy", "wall ratio"):
+    for name in ("variant", "repeats", "wall s (mean ± sd)", "pre-run s", "in run s", "post-run s", "round s", "cycle s",
+                 "accuracy", "wall ratio"):
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
     for variant, s in stats.items():
         ratio = s["wall"] / base["wall"] if base["wall"] == base["wall"] and base["wall"] > 0 else float("nan")

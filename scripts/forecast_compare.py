@@ -47,9 +47,9 @@ def default_task() -> str:
 
 def local_only(cfg: DictConfig, seed: int) -> dict[str, dict[str, float]]:
     """One model per site on its own windows; per-site test metrics."""
-    from tasks.forecast.training import train_forecaster
     from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
     from tasks.forecast.server import _forecaster, score_sites
+    from tasks.forecast.training import train_forecaster
 
     spec = ForecastSpec.from_config(cfg)
     data = build_forecast_data(spec)
@@ -64,9 +64,9 @@ def local_only(cfg: DictConfig, seed: int) -> dict[str, dict[str, float]]:
 
 def centralised(cfg: DictConfig, seed: int) -> dict[str, dict[str, float]]:
     """One model on all sites' windows pooled; per-site test metrics."""
-    from tasks.forecast.training import train_forecaster
     from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
     from tasks.forecast.server import _forecaster, score_sites
+    from tasks.forecast.training import train_forecaster
 
     spec = ForecastSpec.from_config(cfg)
     data = build_forecast_data(spec)

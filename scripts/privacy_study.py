@@ -33,9 +33,9 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from fl_server.experiments.config import ConfigError, compose_config
+from fl_server.experiments.tracking import PARENT_TAG, RunTracker, default_tracking_uri
 from fl_server.runtime.launch import JobOutcome, preflight, run_job, summary_table
 from fl_server.runtime.superlink import LocalSuperLink
-from fl_server.experiments.tracking import PARENT_TAG, RunTracker, default_tracking_uri
 
 console = Console()
 # Opacus's centralised MNIST example (60k images, delta = 1e-5), for comparison

@@ -17,9 +17,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
 
+from fl_server.experiments.tracking import RunTracker, default_tracking_uri
 from fl_server.runtime.launch import JobOutcome, summary_table
 from fl_server.runtime.superlink import LocalSuperLink
-from fl_server.experiments.tracking import RunTracker, default_tracking_uri
 
 PARENT_ENV = "FEDCONTINUUM_SWEEP_PARENT_RUN_ID"
 console = Console()

@@ -101,8 +101,8 @@ _TRAINED: dict = {}
 def _trained(run_id: str):
     """Load once per process (every seed's MPC reuses it)."""
     if run_id not in _TRAINED:
-        from tasks.forecast.trained import load_from_mlflow
         from fl_server.experiments.config import default_tracking_uri
+        from tasks.forecast.trained import load_from_mlflow
 
         _TRAINED[run_id] = load_from_mlflow(run_id, default_tracking_uri())
     return _TRAINED[run_id]
@@ -161,7 +161,8 @@ def log_to_mlflow(results, scenario, seeds, forecaster_name, markdown, note, tra
         "nodes": scenario.num_nodes,
         "clusters": len(scenario.clusters),
     }
-    parent = RunTracker(tracking_uri, experiment, f"twin-baselines-{scenario.name}-{forecaster_name}", tags={"kind": "twin-baselines"})
+    parent = RunTracker(tracking_uri, experiment, f"twin-baselines-{scenario.name}-{forecaster_name}",
+                        tags={"kind": "twin-baselines"})
     parent.log_params(params)
     for name, runs in results.items():
         for seed, metrics in zip(seeds, runs):

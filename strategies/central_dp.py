@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_stdv
 from omegaconf import DictConfig
 
+
 def nominal_sample_size(cfg: DictConfig) -> int:
     """Clients a round samples, as Flower's FedAvg computes it (the DP noise
     is calibrated to it: std = sigma * clip / m)."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_DIR.parent / "shared" / "data"
@@ -57,3 +58,23 @@ requires_breastmnist = pytest.mark.skipif(
 requires_gwa = pytest.mark.skipif(
     not GWA_DIR.is_dir(), reason=f"real GWA-T-12 traces not found at {GWA_DIR} (../shared/data absent)"
 )
+
+
+def persistent_clients(num_clients: int):
+    """A fake Grid answered by the real ClientApp; each node keeps its Context
+    (``context.state``) across rounds, as Flower does."""
+    from fl_clients import app as client_app
+    from tests.fake_grid import FakeGrid
+
+    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n, "num-partitions": num_clients},
+                           state=RecordDict(), run_config={}) for n in range(num_clients)}
+
+    def reply(message: Message) -> Message:
+        context = contexts[message.metadata.dst_node_id]
+        if message.metadata.message_type == MessageType.QUERY:
+            return client_app.query(message, context)
+        if message.metadata.message_type == MessageType.EVALUATE:
+            return client_app.evaluate_local(message, context)
+        return client_app.train(message, context)
+
+    return FakeGrid(range(num_clients), reply), contexts

@@ -260,7 +260,7 @@ class RunCheckpoints:
     """
 
     def __init__(self, cfg) -> None:
-        from fl_server.experiments.config import flatten
+        from fl_server.engine.flat_config import flatten
 
         self.enabled = bool(cfg.checkpoint.enabled)
         self.store = CheckpointStore(cfg.checkpoint.dir)

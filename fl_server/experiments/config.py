@@ -19,6 +19,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from fl_server.engine.flat_config import flatten  # noqa: F401  (re-exported: experiments and scripts use it)
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_DIR / "conf"
 
@@ -536,21 +538,6 @@ def _validate_fault_handling(cfg: DictConfig) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def flatten(cfg: DictConfig) -> dict[str, Any]:
-    """Flatten the resolved config into ``{"a.b": value}`` (for MLflow params)."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
 
 
 def default_run_name(cfg: DictConfig) -> str:

@@ -32,9 +32,9 @@ from fl_server.engine.checkpoint import RunCheckpoints
 from fl_server.engine.comm import ReplyRecorder
 from fl_server.engine.rounds import RoundDriver
 from fl_server.engine.virtual_clock import VirtualClock
+from fl_server.experiments import progress
 from fl_server.experiments.config import default_run_name, flatten
 from fl_server.experiments.tracking import RunTracker
-from fl_server.runtime import progress
 from strategies import build_strategy
 from tasks.base import ServerTask
 from tasks.registry import task_of

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fl_server.runtime import progress
+from fl_server.experiments import progress
 from fl_server.experiments.config import (
     PROJECT_DIR,
     ConfigError,

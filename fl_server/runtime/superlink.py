@@ -30,8 +30,8 @@ import urllib.request
 from pathlib import Path
 
 from fl_datasets.federated import CACHE_ENV
-from fl_server.runtime.certificates import Certificates, generate_certificates
 from fl_server.experiments.config import PROJECT_DIR
+from fl_server.runtime.certificates import Certificates, generate_certificates
 
 FLWR_STATE_DIR = PROJECT_DIR / ".flwr"
 CONNECTION = "fedcontinuum"

@@ -113,6 +113,9 @@ class ForecastServer(ServerTask):
 
     def log_inputs(self, tracker: Any) -> None:
         tracker.log_text(_sites_csv(self.data), "data/client_sites.csv")
+        if self.data.left_out:  # VMs that do not cover the common window (fl_datasets.traces)
+            tracker.log_text(self.data.left_out_note + "\n", "data/vms_left_out.txt")
+            tracker.log_metrics({"data_vms_left_out": float(len(self.data.left_out))}, step=0)
 
     def report(self, tracker: Any, history: list[dict[str, Any]], final: ArrayRecord, run_name: str) -> dict[str, float]:
         tracker.log_text(_site_table(history[-1], self.data, self.baselines), "report/site_metrics.md")

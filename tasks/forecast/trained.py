@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.forecast.training import predict
 from tasks.forecast.models import build_forecaster
+from tasks.forecast.training import predict
 
 ForecastFn = Callable[[np.ndarray], np.ndarray]
 

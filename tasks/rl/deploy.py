@@ -73,7 +73,8 @@ class LearnedController:
         return self.action_counts / total if total else self.action_counts.astype(float)
 
 
-def run_controlled_episode(scenario: Scenario, controller: Any, seed: int, reward_nodes: np.ndarray | None = None) -> dict[str, float]:
+def run_controlled_episode(scenario: Scenario, controller: Any, seed: int,
+                           reward_nodes: np.ndarray | None = None) -> dict[str, float]:
     """One episode under ``controller``; the twin's summary plus ``return``.
 
     ``return`` sums, over steps, the mean reward of ``reward_nodes`` (all
