@@ -37,7 +37,7 @@ from torchrl.objectives.value import GAE
 
 from edgesim.envs import EdgeSiteEnv
 
-from .spec import RLSpec, background_policy, build_scenario, forecast_fn, mlp
+from .spec import RLSpec, background_policy, build_scenario, forecast_fn, hyper_from_dict, mlp
 
 # Output layers: with ``personal_head`` they stay on the client.
 HEAD_PREFIXES = ("actor.head.", "critic.head.")
@@ -94,15 +94,7 @@ class PPOHyper:
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> "PPOHyper":
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"task.hyper.{unknown[0]} is unknown for ppo: valid keys are "
-                             f"{', '.join(cls.__dataclass_fields__)} (conf/task/ppo.yaml)")
-        known = dict(values)
-        for key in ("epochs", "minibatch"):
-            if key in known:
-                known[key] = int(known[key])
-        return cls(**known)
+        return hyper_from_dict(cls, values, "ppo", integers=("epochs", "minibatch"))
 
 
 def make_site_env(spec: RLSpec, site: int, faults: str | None = None) -> EdgeSiteEnv:

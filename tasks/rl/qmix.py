@@ -35,7 +35,7 @@ from torchrl.modules import QMixer, VDNMixer
 
 from edgesim.envs import ClusterParallelEnv
 
-from .spec import RLSpec, background_policy, build_scenario, forecast_fn, mlp
+from .spec import RLSpec, background_policy, build_scenario, forecast_fn, hyper_from_dict, mlp
 
 MIXER_PREFIX = "mixer."  # with ``local_mixer`` these parameters stay on the client
 
@@ -98,15 +98,7 @@ class QMixHyper:
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> "QMixHyper":
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"task.hyper.{unknown[0]} is unknown for qmix: valid keys are "
-                             f"{', '.join(cls.__dataclass_fields__)} (conf/task/qmix.yaml)")
-        known = dict(values)
-        for key in ("batch_size", "train_every", "warmup", "target_every", "embed_dim"):
-            if key in known:
-                known[key] = int(known[key])
-        return cls(**known)
+        return hyper_from_dict(cls, values, "qmix", integers=("batch_size", "train_every", "warmup", "target_every", "embed_dim"))
 
     def epsilon(self, step: int) -> float:
         """Linearly decayed exploration rate after ``step`` steps of this client's training."""

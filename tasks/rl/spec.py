@@ -304,3 +304,14 @@ def check_hyper(spec: RLSpec) -> None:
     from tasks.rl import ppo, qmix
 
     (ppo.PPOHyper if spec.algo == "ppo" else qmix.QMixHyper).from_dict(spec.hyper)
+
+
+def hyper_from_dict(cls, values: dict[str, float], algo: str, integers: tuple[str, ...]):
+    """``cls(**values)`` for a hyper-parameter dataclass, rejecting unknown keys
+    (``task.hyper.lamda`` must not be ignored) and casting the integer ones."""
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"task.hyper.{unknown[0]} is unknown for {algo}: valid keys are "
+                         f"{', '.join(fields)} (conf/task/{algo}.yaml)")
+    return cls(**{k: int(v) if k in integers else v for k, v in values.items()})

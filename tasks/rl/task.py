@@ -71,6 +71,10 @@ class RLTask(Task):
         _check(len(task.eval_seeds) >= 1, "task.eval_seeds is empty: give at least one held-out twin seed")
         spec = RLSpec.from_config(cfg)
         check_hyper(spec)
+        _check(not cfg.privacy.secagg.enabled or (spec.federated and not spec.personal_head and not spec.local_mixer),
+               f"privacy.secagg.enabled=true does not compose with task={task.name}'s local layers (personal head, "
+               "local mixer or the non-federated arm): the server evaluates what each site deploys and SecAgg+ "
+               "hides each client's model; use task.local_mixer=false / task.personal_head=false, or privacy=none")
         try:
             scenario = build_scenario(spec)
         except EdgeSimError as err:

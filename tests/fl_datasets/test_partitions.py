@@ -9,8 +9,7 @@ from fl_datasets.federated import DataSpec, build_image_data
 from fl_datasets.long_tail import long_tail_counts
 from fl_datasets.partition import partition_pool
 from fl_datasets.sources import DataError, load_medmnist_npz
-
-from .conftest import BREASTMNIST, requires_breastmnist
+from tests.conftest import BREASTMNIST, requires_breastmnist
 
 
 def mnist_spec(**changes) -> DataSpec:

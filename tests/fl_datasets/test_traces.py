@@ -24,8 +24,7 @@ from fl_datasets.traces import (
     resample_to_grid,
     time_split,
 )
-
-from .conftest import GWA_DIR, requires_gwa
+from tests.conftest import GWA_DIR, requires_gwa
 
 HEADER = ";\t".join(COLUMNS)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import run_module, sqlite_uri
+from tests.conftest import run_module, sqlite_uri
 
 pytestmark = pytest.mark.e2e
 

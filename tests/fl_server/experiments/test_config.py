@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fl_server.experiments.config import ConfigError, compose_config, flatten, join_overrides, split_overrides
-
-from .conftest import run_module
+from tests.conftest import run_module
 
 BAD_INPUTS = [
     (["strategy=foo"], "unknown strategy 'foo': choose one of ass, fedavg, fedavgm"),

@@ -25,8 +25,7 @@ from tasks.forecast.training import (
     smape,
     train_forecaster,
 )
-
-from .conftest import GWA_DIR, requires_gwa
+from tests.conftest import GWA_DIR, requires_gwa
 
 
 @pytest.fixture(autouse=True)
