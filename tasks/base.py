@@ -99,6 +99,8 @@ class ServerTask(ABC):
     num_clients : int
     client_sizes : list of int
         Each client's aggregation weight (SecAgg+ quantises by the largest).
+    model_name : str
+        What the memory check calls the model.
     headline : tuple of str
         Metrics copied to ``final_*`` at the end of the run.
     shown : tuple of str
@@ -110,6 +112,7 @@ class ServerTask(ABC):
 
     num_clients: int
     client_sizes: list[int]
+    model_name: str = "model"
     headline: tuple[str, ...] = ()
     shown: tuple[str, ...] = ()
     needs_client_models: bool = False
@@ -159,10 +162,13 @@ class Task(ABC):
         The ``task.kind`` of the ``conf/task/*.yaml`` files that select it.
     dp_sgd_refusal : str or None
         Why DP-SGD cannot apply to this task (None: it can).
+    uses_twin : bool
+        Whether the task acts in the twin (``conf/twin/``, ``twin.*`` overrides).
     """
 
     kind: ClassVar[str]
     dp_sgd_refusal: ClassVar[str | None] = None
+    uses_twin: ClassVar[bool] = False  # the composed ``twin`` config matters (logged as params)
 
     # ------------------------------------------------------------ config
     @abstractmethod

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_DIR.parent / "shared" / "data"
@@ -60,21 +62,49 @@ requires_gwa = pytest.mark.skipif(
 )
 
 
+def wire(message: Message) -> Message:
+    """A copy of ``message`` as the other side receives it (serialised and
+    parsed), so neither side shares objects with the other."""
+    return message_from_proto(message_to_proto(message))
+
+
+class stateful_clients:  # noqa: N801 - used like a function
+    """Reply as the real ClientApp (with its mods) would, keeping each node's
+    Context — and so its ``context.state`` — across rounds, as Flower does
+    (issue #2216). Partition id = node id."""
+
+    def __init__(self, num_partitions: int) -> None:
+        self.num_partitions = num_partitions
+        self.contexts: dict[int, Context] = {}
+
+    def context(self, node: int) -> Context:
+        if node not in self.contexts:
+            self.contexts[node] = Context(
+                run_id=1, node_id=node, state=RecordDict(), run_config={},
+                node_config={"partition-id": node, "num-partitions": self.num_partitions},
+            )
+        return self.contexts[node]
+
+    def __call__(self, message: Message) -> Message:
+        from fl_clients import app as client_app
+
+        node = message.metadata.dst_node_id
+        try:
+            return wire(client_app.app(wire(message), self.context(node)))
+        except Exception as err:  # noqa: BLE001 - Flower turns a raising ClientApp into an error reply
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
+                            reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = node
+            return reply
+
+
 def persistent_clients(num_clients: int):
-    """A fake Grid answered by the real ClientApp; each node keeps its Context
-    (``context.state``) across rounds, as Flower does."""
-    from fl_clients import app as client_app
+    """A fake Grid answered by the real ClientApp (its mods included, messages
+    copied as over the wire); each node keeps its Context (``context.state``)
+    across rounds, as Flower does. Returns the grid and the nodes' Contexts."""
     from tests.fake_grid import FakeGrid
 
-    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n, "num-partitions": num_clients},
-                           state=RecordDict(), run_config={}) for n in range(num_clients)}
-
-    def reply(message: Message) -> Message:
-        context = contexts[message.metadata.dst_node_id]
-        if message.metadata.message_type == MessageType.QUERY:
-            return client_app.query(message, context)
-        if message.metadata.message_type == MessageType.EVALUATE:
-            return client_app.evaluate_local(message, context)
-        return client_app.train(message, context)
-
-    return FakeGrid(range(num_clients), reply), contexts
+    clients = stateful_clients(num_clients)
+    for node in range(num_clients):
+        clients.context(node)
+    return FakeGrid(range(num_clients), clients), clients.contexts

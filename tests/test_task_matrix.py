@@ -108,3 +108,36 @@ def test_a_device_override_reaches_the_twin_and_the_rl_rounds_virtual_time(track
 def test_bad_task_settings_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(overrides)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_secagg_runs_on_the_same_driver_for_every_task(task, tracking_uri, tmp_path):
+    metrics = run(tracking_uri, tmp_path, *TASKS[task], "privacy=secagg", rounds=1)
+    clients = compose_config(TASKS[task]).clients.num
+    assert metrics["secagg_survivors"] == [clients]
+    assert metrics["round_aggregated"] == [1] and metrics["updates_applied"] == [clients]
+    assert metrics["vc_compute_s"][0] > 0  # the virtual clock, as without SecAgg+
+
+
+def test_secagg_rounds_count_failures_and_proceed_with_min_replies(tracking_uri, tmp_path):
+    # One of three clients raises (fault injection): it is a failure, and the
+    # two survivors' masked sum is aggregated (clients.min_replies=2).
+    metrics = run(tracking_uri, tmp_path, *TASKS["image"], "privacy=secagg", "faults.fraction.error=0.34",
+                  "clients.min_train=3", "clients.min_replies=2", rounds=1)
+    assert metrics["clients_failed_error"] == [1]
+    assert metrics["secagg_survivors"] == [2] and metrics["round_aggregated"] == [1]
+
+
+def test_secagg_rounds_short_of_min_replies_are_retried_then_fail(tracking_uri, tmp_path):
+    from fl_server.engine.rounds import RoundFailedError
+
+    with pytest.raises(RoundFailedError, match=r"round 1 failed after 2 attempt\(s\): 2 of 3 sampled clients"):
+        run(tracking_uri, tmp_path, *TASKS["image"], "privacy=secagg", "faults.fraction.error=0.34",
+            "clients.min_train=3", "clients.min_replies=3", "clients.round_retries=1", rounds=1)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_central_dp_applies_to_every_task(task, tracking_uri, tmp_path):
+    metrics = run(tracking_uri, tmp_path, *TASKS[task], "privacy=central", "privacy.central.mode=server-fixed",
+                  rounds=1)
+    assert metrics["round_aggregated"] == [1]

@@ -34,7 +34,7 @@ def client_config(cfg: DictConfig) -> dict[str, str]:
 
 def min_replies(cfg: DictConfig) -> int:
     """Usable updates a round needs (``clients.min_replies``, default ``clients.min_train``)."""
-    value = cfg.clients.get("min_replies")
+    value = cfg.clients.min_replies
     return int(cfg.clients.min_train) if value is None else int(value)
 
 
@@ -50,6 +50,6 @@ def driver_settings(cfg: DictConfig, tracker: Any) -> dict[str, Any]:
 
     return {
         "min_replies": min_replies(cfg),
-        "round_retries": int(cfg.clients.get("round_retries", 0)),
+        "round_retries": int(cfg.clients.round_retries),
         "on_failures": record,
     }

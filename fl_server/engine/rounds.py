@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_common import protocol
 from fl_server.engine.reply_checks import ClientFailure, failure_counts, screen_replies
 from fl_server.engine.virtual_clock import VirtualClock
 
@@ -75,8 +76,8 @@ def canonical_order(replies: list[Message]) -> list[Message]:
     def key(reply: Message) -> tuple[int, int]:
         if not reply.has_error():
             for record in reply.content.metric_records.values():
-                if "partition-id" in record:
-                    return (0, int(record["partition-id"]))
+                if protocol.PARTITION_ID in record:
+                    return (0, int(record[protocol.PARTITION_ID]))
         return (1, reply.metadata.src_node_id)
 
     return sorted(replies, key=key)
@@ -97,7 +98,7 @@ def _declined(reply: Message) -> bool:
     no update to aggregate."""
     if reply.has_error() or "metrics" not in reply.content:
         return False
-    return int(reply.content["metrics"].get("dp_declined", 0)) == 1
+    return protocol.declined(reply.content["metrics"])
 
 
 def privacy_round_metrics(replies: list[Message]) -> dict[str, float]:
@@ -107,7 +108,7 @@ def privacy_round_metrics(replies: list[Message]) -> dict[str, float]:
     ``epsilon_mean`` over the clients that replied; empty without DP-SGD.
     """
     spent = {
-        int(r.content["metrics"]["partition-id"]): float(r.content["metrics"]["dp_epsilon"])
+        int(r.content["metrics"][protocol.PARTITION_ID]): float(r.content["metrics"]["dp_epsilon"])
         for r in replies
         if not r.has_error() and "metrics" in r.content and "dp_epsilon" in r.content["metrics"]
     }
@@ -191,13 +192,8 @@ def discover_partitions(grid: Grid, expected: int, timeout_s: float) -> dict[int
     for reply in replies:
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} did not say its partition: {reply.error.reason}")
-        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"][protocol.PARTITION_ID])
     return mapping
-
-
-def _virtual_duration(reply: Message) -> float:
-    metrics = reply.content["metrics"]
-    return float(sum(metrics.get(k, 0.0) for k in ("vc_downlink_s", "vc_compute_s", "vc_uplink_s")))
 
 
 class RoundDriver:
@@ -325,29 +321,16 @@ class RoundDriver:
     def run_round(self, server_round: int, arrays: ArrayRecord) -> RoundResult:
         started = time.perf_counter()
         train = self._train(server_round, arrays)
-        candidates, sent, replies = train.candidates, train.sent, train.replies
-        if train.dispatched:
-            # a client that declined (DP budget) replied but has no update to apply
-            good = [r for r in train.accepted if not _declined(r)]
-            close = self.clock.close_round(server_round, [(r, _virtual_duration(r)) for r in good])
-        else:
-            close = self.clock.idle_round(server_round)
-        replied, failures = len(train.accepted), train.failures
-        for arrival, tau in zip(close.applied, close.staleness):
-            arrival.reply.content["metrics"]["staleness"] = tau
-        # rejected updates never reach the strategy; Flower's error replies do (it skips and logs them)
-        errors = train.errors
-        new_arrays, train_metrics = self.strategy.aggregate_train(
-            server_round, [a.reply for a in close.applied] + errors
-        )
+        new_arrays, train_metrics, close = self._aggregate(server_round, arrays, train)
         if new_arrays is not None:
             arrays = new_arrays
-        round_energy = sum(float(r.content["metrics"].get("vc_energy_j", 0.0)) for r in train.accepted)
+        failures = train.failures
+        round_energy = sum(float(r.content["metrics"].get(protocol.VC_ENERGY_J, 0.0)) for r in train.accepted)
         self.energy_j += round_energy
         metrics = {
-            "clients_samplable": float(len(candidates)),
-            "clients_sampled": float(len(sent)),
-            "clients_replied": float(replied),
+            "clients_samplable": float(len(train.candidates)),
+            "clients_sampled": float(len(train.sent)),
+            "clients_replied": float(len(train.accepted)),
             "clients_failed": float(len(failures)),
             **failure_counts(failures),
             "round_attempts": float(train.attempts),
@@ -359,16 +342,44 @@ class RoundDriver:
             "round_virtual_s": close.end_s - close.start_s,
             "energy_j": round_energy,
             "energy_total_j": self.energy_j,
+            **self._protocol_metrics(),
         }
         for tau in sorted(set(close.staleness)):
             metrics[f"staleness_tau{tau}"] = float(close.staleness.count(tau))
-        metrics.update(privacy_round_metrics(replies))
-        metrics.update(_prefixed(train_metrics, "", skip=("num-examples", "partition-id", "dispatch-round")))
+        metrics.update(privacy_round_metrics(train.replies))
+        metrics.update(_prefixed(train_metrics, "", skip=protocol.BOOKKEEPING))
         metrics.update(self._federated_evaluation(server_round, arrays))
         metrics["round_train_time_s"] = time.perf_counter() - started
         metrics.update(self._evaluate(server_round, arrays))
         metrics["round_wall_time_s"] = time.perf_counter() - started
         return RoundResult(arrays=arrays, metrics=metrics, failures=failures)
+
+    def _aggregate(self, server_round: int, arrays: ArrayRecord, train: _TrainPhase):
+        """Order the usable updates on the virtual clock and let the strategy
+        aggregate those that arrived (stale ones with their staleness).
+
+        Returns the new arrays (None: nothing aggregated), the strategy's
+        metrics and the clock's round close.
+        """
+        if train.dispatched:
+            # a client that declined (DP budget) replied but has no update to apply
+            good = [r for r in train.accepted if not _declined(r)]
+            close = self.clock.close_round(server_round, [(r, protocol.virtual_duration(r.content["metrics"]))
+                                                          for r in good])
+        else:
+            close = self.clock.idle_round(server_round)
+        for arrival, tau in zip(close.applied, close.staleness):
+            arrival.reply.content["metrics"][protocol.STALENESS] = tau
+        # rejected updates never reach the strategy; Flower's error replies do (it skips and logs them)
+        return (*self.strategy.aggregate_train(server_round, [a.reply for a in close.applied] + train.errors), close)
+
+    def _protocol_metrics(self) -> dict[str, float]:
+        """Per-round metrics of the aggregation protocol (SecAgg+ survivors); none by default."""
+        return {}
+
+    def _screen(self, sent: list[Message], replies: list[Message], arrays: ArrayRecord, attempt: int):
+        """Accepted updates, Flower error replies and failures of one attempt."""
+        return screen_replies(sent, replies, arrays, self.partition_of, attempt, accept_as_is=_declined)
 
     def _train(self, server_round: int, arrays: ArrayRecord) -> _TrainPhase:
         """Sample, send, receive and screen; retry while short of ``min_replies``.
@@ -393,9 +404,7 @@ class RoundDriver:
                     time.sleep(RECONNECT_WAIT_S)
                 continue
             sent, replies = self._dispatch(server_round, arrays, candidates, attempt)
-            accepted, errors, new_failures = screen_replies(
-                sent, replies, arrays, self.partition_of, attempt, accept_as_is=_declined
-            )
+            accepted, errors, new_failures = self._screen(sent, replies, arrays, attempt)
             failures += new_failures
             if len(accepted) >= self.min_replies:
                 self._report_failures(server_round, failures)

@@ -35,7 +35,6 @@ masked sum).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
 
 from fl_common import compression as comp
-from fl_server.engine.rounds import RoundDriver, RoundResult, _SamplingView, privacy_round_metrics
+from fl_common import protocol
+from fl_server.engine.reply_checks import screen_replies
+from fl_server.engine.rounds import GridWrapper, RoundDriver, _SamplingView
 
 SECAGG_STRATEGIES = ("fedavg", "fedavgm")
 
@@ -162,6 +163,14 @@ def secure_average(
 class SecAggPlusRoundDriver(RoundDriver):
     """A :class:`RoundDriver` whose training rounds aggregate with SecAgg+.
 
+    Only the exchange and the aggregation differ from the plain driver:
+    sampling, retries while short of ``min_replies``, the failure log, the
+    virtual clock, energy, privacy metrics and evaluation are the driver's.
+    A client that did not survive the protocol (it dropped out, timed out or
+    erred in any stage) counts as a failure; its masked vector cannot be
+    screened for NaN or shape (nobody sees it), so screening is the
+    protocol's own: unmasking fails on a malformed vector.
+
     Parameters
     ----------
     secagg : SecAggSettings
@@ -173,50 +182,67 @@ class SecAggPlusRoundDriver(RoundDriver):
     def __init__(self, *args: Any, secagg: SecAggSettings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.secagg = secagg
+        self._average: list[np.ndarray] | None = None
+        self._survivors = 0
 
-    def run_round(self, server_round: int, arrays: ArrayRecord) -> RoundResult:
-        started = time.perf_counter()
-        candidates = self.samplable(server_round)
-        sent: list[Message] = []
-        if len(candidates) >= max(self.min_train, 2):  # SecAgg+ needs at least two clients
-            view = _SamplingView(self.grid, candidates)
-            sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), view))
+    def _dispatch(self, server_round: int, arrays: ArrayRecord, candidates: list[int], attempt: int):
+        """Sample with the strategy, then run SecAgg+'s four stages on its messages."""
+        self._average, self._survivors = None, 0
+        if len(candidates) < 2:  # SecAgg+ hides one update among at least two
+            return [], []
+        view = _SamplingView(self.grid, candidates)
+        config = ConfigRecord(dict(self.train_config))
+        if attempt > 1:
+            config[protocol.ROUND_ATTEMPT] = attempt
+        sent = list(self.strategy.configure_train(server_round, arrays, config, view))
+        if not sent:
+            return [], []
         workflow = self.secagg.workflow(self.timeout_s)
-        average, client_metrics, survivors = secure_average(self.grid, workflow, server_round, sent) if sent else (None, {}, 0)
-        replies = _as_replies(client_metrics)
-        trained = [r for r in replies if not int(r.content["metrics"].get("dp_declined", 0))]
-        new_arrays, train_metrics = None, None
-        if average is not None and trained:
-            model = comp.add(comp.tensors(arrays), dict(zip(arrays.keys(), average, strict=True)))
-            for reply in trained:  # every client "sent" the aggregate: all the strategy may see
-                reply.content["arrays"] = comp.to_record(model)
-            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, trained)
-        close = self.clock.close_round(server_round, [(r, _duration(r)) for r in trained])
-        arrays = new_arrays if new_arrays is not None else arrays
-        round_energy = sum(float(r.content["metrics"].get("vc_energy_j", 0.0)) for r in replies)
-        self.energy_j += round_energy
-        metrics = {
-            "clients_samplable": float(len(candidates)),
-            "clients_sampled": float(len(sent)),
-            "clients_replied": float(len(replies)),
-            "clients_failed": float(len(sent) - len(replies)),
-            "secagg_survivors": float(survivors),
-            "round_aggregated": float(new_arrays is not None),
-            "updates_applied": float(len(trained) if new_arrays is not None else 0),
-            "virtual_time_s": close.end_s,
-            "round_virtual_s": close.end_s - close.start_s,
-            "energy_j": round_energy,
-            "energy_total_j": self.energy_j,
-        }
-        metrics.update(privacy_round_metrics(replies))
-        if train_metrics is not None:
-            metrics.update({k: float(v) for k, v in train_metrics.items()
-                            if k not in ("num-examples", "partition-id", "dispatch-round") and isinstance(v, (int, float))})
-        metrics.update(self._federated_evaluation(server_round, arrays))
-        metrics["round_train_time_s"] = time.perf_counter() - started
-        metrics.update(self._evaluate(server_round, arrays))
-        metrics["round_wall_time_s"] = time.perf_counter() - started
-        return RoundResult(arrays=arrays, metrics=metrics)
+        watched = _ErrorWatcher(self.grid)  # a client that erred in any stage is an error, not a timeout
+        self._average, client_metrics, self._survivors = secure_average(watched, workflow, server_round, sent)
+        survivors = _as_replies(client_metrics)
+        answered = {r.metadata.src_node_id for r in survivors}
+        errors = [e for node, e in watched.errors.items() if node not in answered]
+        return sent, survivors + errors
+
+    def _screen(self, sent: list[Message], replies: list[Message], arrays: ArrayRecord, attempt: int):
+        """Replies are the survivors' metrics (no arrays to check); a protocol that
+        halted before unmasking leaves no usable update from anyone."""
+        replies = [r for r in replies
+                   if r.has_error() or self._average is not None or protocol.declined(r.content["metrics"])]
+        return screen_replies(sent, replies, arrays, self.partition_of, attempt, accept_as_is=lambda _reply: True)
+
+    def _aggregate(self, server_round: int, arrays: ArrayRecord, train):
+        """Global + the securely averaged update, handed to the strategy as every
+        trained client's model (all the strategy may see)."""
+        trained = [r for r in train.accepted if not protocol.declined(r.content["metrics"])]
+        if self._average is None or not trained:
+            return None, None, self.clock.close_round(server_round, [])
+        model = comp.add(comp.tensors(arrays), dict(zip(arrays.keys(), self._average, strict=True)))
+        for reply in trained:
+            reply.content["arrays"] = comp.to_record(model)
+        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, trained)
+        close = self.clock.close_round(server_round, [(r, protocol.virtual_duration(r.content["metrics"]))
+                                                      for r in trained])
+        return new_arrays, train_metrics, close
+
+    def _protocol_metrics(self) -> dict[str, float]:
+        return {"secagg_survivors": float(self._survivors)}
+
+
+class _ErrorWatcher(GridWrapper):
+    """The Grid, keeping each node's first error reply of the SecAgg+ stages."""
+
+    def __init__(self, grid) -> None:
+        super().__init__(grid)
+        self.errors: dict[int, Message] = {}
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors.setdefault(reply.metadata.src_node_id, reply)
+        return replies
 
 
 def _as_replies(client_metrics: dict[int, dict[str, Any]]) -> list[Message]:
@@ -228,9 +254,4 @@ def _as_replies(client_metrics: dict[int, dict[str, Any]]) -> list[Message]:
         reply = Message(RecordDict({"metrics": MetricRecord(numeric)}), dst_node_id=0, message_type=MessageType.TRAIN)
         reply.metadata.__dict__["_src_node_id"] = node  # the node it stands for
         replies.append(reply)
-    return sorted(replies, key=lambda r: int(r.content["metrics"].get("partition-id", r.metadata.src_node_id)))
-
-
-def _duration(reply: Message) -> float:
-    metrics = reply.content["metrics"]
-    return float(sum(metrics.get(k, 0.0) for k in ("vc_downlink_s", "vc_compute_s", "vc_uplink_s")))
+    return sorted(replies, key=lambda r: int(r.content["metrics"].get(protocol.PARTITION_ID, r.metadata.src_node_id)))

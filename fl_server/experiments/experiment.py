@@ -112,7 +112,8 @@ def start_tracking(cfg: DictConfig, tracker: RunTracker, checkpoints: RunCheckpo
         tracker.set_tags({"fc.resumed_after_round": str(checkpoints.resumed.server_round)})
         tracker.log_missing_rounds(history)
     else:
-        tracker.log_params(flatten(cfg))
+        uses_twin = task_of(cfg).uses_twin  # every config holds the twin group; only the twin's tasks log it
+        tracker.log_params({k: v for k, v in flatten(cfg).items() if uses_twin or not k.startswith("twin.")})
     tracker.warm_up("matplotlib.pyplot")  # for the final plot, while clients train
     return history
 
@@ -203,7 +204,7 @@ def _fleet(cfg: DictConfig, server: ServerTask) -> tuple[Fleet, list[str]]:
     """The device fleet (refused if a device cannot hold model and batch) and
     each client's device."""
     fleet = Fleet.from_config(cfg.devices)
-    check_memory(fleet, str(cfg.task.get("model", cfg.task.name)), server.batch_size(), server.model_costs())
+    check_memory(fleet, server.model_name, server.batch_size(), server.model_costs())
     return fleet, fleet.assign(server.num_clients, int(cfg.seed))
 
 

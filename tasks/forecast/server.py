@@ -82,6 +82,7 @@ class ForecastServer(ServerTask):
         self.spec = ForecastSpec.from_config(cfg)
         self.data = build_forecast_data(self.spec)
         self.num_clients = self.spec.num_clients
+        self.model_name = str(cfg.task.model)
         self.client_sizes = [len(site) for site in self.data.sites]
         self.baselines = {b: score_baselines(self.data, self.spec.season, "test")[b] for b in BASELINES}
         self.baseline_metrics: dict[str, float] = {}

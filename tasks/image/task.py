@@ -130,6 +130,7 @@ class ImageServer(ServerTask):
         self.spec = DataSpec.from_config(cfg)
         self.data: FederatedImageData = build_image_data(self.spec)
         self.num_clients = self.spec.num_clients
+        self.model_name = str(cfg.task.model)
         self.client_sizes = self.data.client_sizes()
         self.model = build_model(str(cfg.task.model), self.spec.num_classes, seed=int(cfg.seed))
 

@@ -60,6 +60,7 @@ class RLServer(ServerTask):
         self.spec = RLSpec.from_config(cfg)
         self.forecaster = forecaster_payload(self.spec, tracking_uri)  # also installs it for the evaluation
         self.num_clients = self.spec.num_clients
+        self.model_name = f"{self.spec.algo} agent"
         self.client_sizes = [self.spec.steps_per_round] * self.num_clients
         self.client_models = {}
         self.model = build_model(self.spec, seed=int(cfg.seed))

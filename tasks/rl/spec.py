@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgesim import Scenario, load_scenario
+from edgesim import Scenario
 from edgesim.scenario import CONF_DIR, PROJECT_DIR
 
 PAPER_EPISODE_S = 21_600.0  # paper 001 §5.3: six simulated hours
@@ -52,7 +52,7 @@ class RLSpec:
     algo : str
         ``ppo`` (one edge site per client) or ``qmix`` (one cluster per client).
     scenario : str
-        A ``conf/twin/*.yaml`` name.
+        The twin's name (``twin.name``; a ``conf/twin/*.yaml`` option).
     episode_s : float
         Simulated seconds per episode (faults keep their relative times).
     steps_per_round : int
@@ -84,6 +84,9 @@ class RLSpec:
         Held-out twin seeds of the server's evaluation episodes.
     hidden : int
         Width of the two hidden layers of every MLP.
+    twin : str, optional
+        The run's composed ``twin`` config (JSON, the ``conf/twin/`` group with
+        its ``twin.*`` overrides); None: ``conf/twin/<scenario>.yaml`` as it is.
     devices : str, optional
         The run's ``devices`` config (JSON): the twin's device profiles and
         mix, so ``devices.*`` overrides reach the twin (None: the twin file's).
@@ -114,6 +117,7 @@ class RLSpec:
     hyper: dict[str, float] = field(default_factory=dict)
     trace_dir: str | None = None
     devices: str | None = None
+    twin: str | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "RLSpec":
@@ -122,7 +126,8 @@ class RLSpec:
         task = cfg.task
         return cls(
             algo=str(task.algo),
-            scenario=str(task.scenario),
+            scenario=str(cfg.twin.name),
+            twin=json.dumps(OmegaConf.to_container(cfg.twin, resolve=True), sort_keys=True),
             episode_s=float(task.episode_s),
             steps_per_round=int(task.steps_per_round),
             num_clients=int(cfg.clients.num),
@@ -158,14 +163,22 @@ class RLSpec:
         return FORECAST_HORIZON if self.use_forecast else 0
 
 
-def scenario_overrides(name: str, episode_s: float, faults: str, shield: bool,
-                       trace_dir: str | None = None, devices: str | None = None) -> dict[str, Any]:
-    """``load_scenario`` overrides for an episode length, a fault set, the shield switch, the traces
-    and the run's device profiles (``devices``: the devices config as JSON)."""
+def _twin_config(name: str, twin: str | None) -> dict[str, Any]:
+    """The composed twin config (JSON), or ``conf/twin/<name>.yaml`` as it is."""
+    if twin is not None:
+        return json.loads(twin)
     import yaml
 
     path = CONF_DIR / "twin" / f"{name}.yaml"
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def scenario_overrides(name: str, episode_s: float, faults: str, shield: bool,
+                       trace_dir: str | None = None, devices: str | None = None,
+                       twin: str | None = None) -> dict[str, Any]:
+    """``load_scenario`` overrides for an episode length, a fault set, the shield switch, the traces
+    and the run's device profiles (``devices``: the devices config as JSON)."""
+    raw = _twin_config(name, twin)
     overrides: dict[str, Any] = {"episode_s": episode_s}
     workload = raw.get("workload", {})
     if workload.get("source") == "trace":  # no traces here: the synthetic workload, as scripts/twin_baselines
@@ -214,14 +227,20 @@ def _rescaled(faults: list[dict], scale: float) -> list[dict]:
 
 @lru_cache(maxsize=16)
 def _scenario_cached(name: str, episode_s: float, faults: str, shield: bool, trace_dir: str | None,
-                     devices: str | None) -> Scenario:
-    return load_scenario(name, scenario_overrides(name, episode_s, faults, shield, trace_dir, devices))
+                     devices: str | None, twin: str | None) -> Scenario:
+    config = {**_twin_config(name, twin)}
+    for key, value in scenario_overrides(name, episode_s, faults, shield, trace_dir, devices, twin).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):  # one level deep, as load_scenario
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return Scenario.from_dict(config)
 
 
 def build_scenario(spec: RLSpec, faults: str | None = None) -> Scenario:
     """The twin scenario of ``spec`` (optionally with another fault set)."""
     return _scenario_cached(spec.scenario, float(spec.episode_s), faults or spec.faults, bool(spec.shield),
-                            spec.trace_dir, spec.devices)
+                            spec.trace_dir, spec.devices, spec.twin)
 
 
 SEASONAL_NAIVE = "seasonal-naive"

@@ -39,6 +39,7 @@ BACKGROUNDS = ("heuristic", "hold")
 
 class RLTask(Task):
     kind = "rl"
+    uses_twin = True
     dp_sgd_refusal = ("DP-SGD bounds each training sample's influence; an RL update is computed from "
                       "one correlated trajectory of the client's own twin episodes, so there is no per-sample "
                       "unit for Opacus to clip and account")
@@ -56,7 +57,7 @@ class RLTask(Task):
         else:
             _check("mixer" not in task, f"task.mixer={task.get('mixer')} (+arm=vdn) needs task=qmix; "
                    f"task={task.name} has no mixer")
-        _check(task.algo == "ppo" or not task.get("personal_head", False),
+        _check(task.algo == "ppo" or "personal_head" not in task,
                f"task.personal_head=true (+arm=ph) needs task=ppo; task={task.name} keeps its mixer local "
                "instead (task.local_mixer)")
         _check(task.faults == "default" or task.faults in FAULT_SCENARIOS,
@@ -78,11 +79,11 @@ class RLTask(Task):
         try:
             scenario = build_scenario(spec)
         except EdgeSimError as err:
-            raise ValueError(f"task.scenario={task.scenario} with task.episode_s={task.episode_s}: {err}") from None
+            raise ValueError(f"twin={cfg.twin.name} with task.episode_s={task.episode_s}: {err}") from None
         units = scenario.num_nodes if task.algo == "ppo" else len(scenario.clusters)
         what = "edge nodes (one site per client)" if task.algo == "ppo" else "edge clusters (one cluster per client)"
         _check(cfg.clients.num <= units,
-               f"clients.num={cfg.clients.num} is too many for task={task.name}: twin {task.scenario} has {units} {what}")
+               f"clients.num={cfg.clients.num} is too many for task={task.name}: twin {cfg.twin.name} has {units} {what}")
 
     def tags(self, cfg: DictConfig) -> dict[str, str]:
         task = cfg.task
@@ -155,7 +156,7 @@ def rl_arm(cfg: DictConfig) -> str:
     parts = ["mafl" if task.federated else "marl"]
     if task.algo == "qmix" and task.mixer == "vdn":
         parts.append("vdn")
-    if task.get("personal_head", False):
+    if task.algo == "ppo" and task.personal_head:
         parts.append("ph")
     if not task.shield:
         parts.append("noshield")
