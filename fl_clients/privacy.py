@@ -26,6 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
+from fl_common import protocol
 from fl_common.dp_config import CENTRAL_MODE_KEY, DPSettings
 
 # Opacus (~1.7 s of imports: scipy.stats, torch.distributed) is imported inside
@@ -140,7 +141,7 @@ class PrivateRound:
     def metrics(self) -> dict[str, float | int]:
         """Reply metrics; every reply carries the same keys, as FedAvg requires."""
         return {
-            "dp_declined": int(self.declined),
+            protocol.DECLINED: int(self.declined),
             "dp_epsilon": self.epsilon,
             "dp_noise_multiplier": self.noise_multiplier,
         }
@@ -225,9 +226,9 @@ def declined_reply(msg: Message, outcome: PrivateRound, partition_id: int, serve
     """The reply of a client whose budget forbids this round: no arrays, no
     examples, ``dp_declined = 1`` and the epsilon it has spent."""
     metrics = {
-        "num-examples": 0,
-        "partition-id": partition_id,
-        "dispatch-round": server_round,
+        protocol.NUM_EXAMPLES: 0,
+        protocol.PARTITION_ID: partition_id,
+        protocol.DISPATCH_ROUND: server_round,
         **outcome.metrics(),
         "dp_epsilon_next": outcome.epsilon_next,
     }
@@ -238,7 +239,7 @@ def is_declined(reply: Message) -> bool:
     """True for a successful reply in which the client declined to train."""
     if reply.has_error():
         return False
-    return any(int(r.get("dp_declined", 0)) == 1 for r in reply.content.metric_records.values())
+    return any(protocol.declined(r) for r in reply.content.metric_records.values())
 
 
 # ------------------------------------------------------ central DP (client side)

@@ -29,6 +29,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from fl_common import protocol
+
 CallNext = Callable[[Message, Context], Message]
 
 
@@ -53,7 +55,7 @@ def _as_fitres(call_next: CallNext) -> CallNext:
         fitres = FitRes(
             status=Status(code=Code.OK, message="Success"),
             parameters=ndarrays_to_parameters(update),
-            num_examples=int(metrics["num-examples"]),
+            num_examples=int(metrics[protocol.NUM_EXAMPLES]),
             metrics=metrics,
         )
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

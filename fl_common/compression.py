@@ -34,6 +34,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fl_common import protocol
+
 SEP = "|"
 RESIDUAL_KEY = "fc.compression.residual"   # ArrayRecord in context.state
 VIEW_KEY = "fc.compression.view"           # ArrayRecord: the model the client holds (downlink)
@@ -264,7 +266,7 @@ def client_remember_model(start: ArrayRecord, config: Mapping, state: RecordDict
     if settings is None or not settings.downlink or DOWNLINK_BASE not in config:
         return
     state[VIEW_KEY] = to_record(tensors(start))
-    state[VIEW_META_KEY] = ConfigRecord({"version": int(config["server-round"])})
+    state[VIEW_META_KEY] = ConfigRecord({"version": int(config[protocol.SERVER_ROUND])})
 
 
 def client_send(trained: ArrayRecord, start: ArrayRecord, config: Mapping, state: RecordDict) -> ArrayRecord:

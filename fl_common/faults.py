@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fl_common import protocol
+
 FAULT_KINDS = ("error", "timeout", "nan", "inf", "shape", "scale")
 CONFIG_KEY = "faults"  # the ConfigRecord entry that carries the plan (JSON)
 _STREAM = 0xFA17  # keeps this generator's stream apart from training's
@@ -109,8 +111,8 @@ def planned_fault(config: ConfigRecord, partition_id: int, num_partitions: int) 
     if CONFIG_KEY not in config:
         return None
     plan = FaultPlan.from_json(str(config[CONFIG_KEY]))
-    attempt = int(config.get("round-attempt", 1))
-    return plan.fault_for(partition_id, int(config["server-round"]), num_partitions, attempt)
+    attempt = int(config.get(protocol.ROUND_ATTEMPT, 1))
+    return plan.fault_for(partition_id, int(config[protocol.SERVER_ROUND]), num_partitions, attempt)
 
 
 def before_training(fault: str | None, config: ConfigRecord) -> None:

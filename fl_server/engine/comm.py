@@ -93,7 +93,7 @@ class AccountingGrid(GridWrapper):
         node = msg.metadata.dst_node_id
         config = ConfigRecord(dict(msg.content["config"]))  # the strategy shares one record
         model = comp.tensors(msg.content["arrays"])
-        version = int(config["server-round"])
+        version = int(config[protocol.SERVER_ROUND])
         held = self.views.get(node)
         if held is None:
             config[comp.DOWNLINK_BASE] = -1

@@ -19,12 +19,14 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from fl_common import protocol
+
 # What a failure can be; each kind is counted per round in MLflow as
 # ``clients_failed_<kind>``.
 FAILURE_KINDS = ("error", "timeout", "unavailable", "nan", "shape")
 # Flower's own error codes for a node or message that went away.
 _UNAVAILABLE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
-WEIGHT_KEY = "num-examples"
+WEIGHT_KEY = protocol.NUM_EXAMPLES
 
 
 @dataclass(frozen=True)

@@ -427,7 +427,7 @@ class RoundDriver:
         view = _SamplingView(self.grid, candidates)
         config = ConfigRecord(dict(self.train_config))
         if attempt > 1:
-            config["round-attempt"] = attempt  # clients (and fault injection) can tell a retry
+            config[protocol.ROUND_ATTEMPT] = attempt  # clients (and fault injection) can tell a retry
         sent = list(self.strategy.configure_train(server_round, arrays, config, view))
         replies = canonical_order(list(self.grid.send_and_receive(sent, timeout=self.timeout_s)))
         return sent, replies
@@ -462,4 +462,4 @@ class RoundDriver:
             return {}
         replies = list(self.grid.send_and_receive(sent, timeout=self.timeout_s))
         record = self.strategy.aggregate_evaluate(server_round, replies)
-        return _prefixed(record, "fed_", skip=("num-examples",))
+        return _prefixed(record, "fed_", skip=(protocol.NUM_EXAMPLES,))

@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig
 
+from fl_common import protocol
 from tasks.base import ClientRound, LocalUpdate, ServerTask, Task
 from tasks.forecast.models import FORECASTERS, build_forecaster, forecaster_costs
 
@@ -117,7 +118,7 @@ class ForecastTask(Task):
         spec, settings, site = _site(run)
         scores = evaluate_forecaster(_forecaster(spec, settings, arrays), *site.val, site.y_train, spec.season,
                                      site.normaliser)
-        return {**{f"eval_{k}": v for k, v in scores.items()}, "num-examples": len(site.val[0])}
+        return {**{f"eval_{k}": v for k, v in scores.items()}, protocol.NUM_EXAMPLES: len(site.val[0])}
 
 
 def _site(run: ClientRound) -> tuple[ForecastSpec, dict, SiteData]:

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig
 
+from fl_common import protocol
 from fl_datasets.federated import DataSpec, FederatedImageData, build_image_data
 from tasks.base import ClientRound, LocalUpdate, ServerTask, Task
 from tasks.image.models import MODELS, build_model, model_costs
@@ -111,7 +112,7 @@ class ImageTask(Task):
         settings = json.loads(str(run.config[TRAIN_KEY]))
         data = _partition(spec, run.partition_id)
         result = evaluate(_model(settings["model"], spec, arrays), data, spec.num_classes)
-        return {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "num-examples": len(data)}
+        return {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], protocol.NUM_EXAMPLES: len(data)}
 
 
 def _model(name: str, spec: DataSpec, arrays: ArrayRecord | None = None):

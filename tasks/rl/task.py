@@ -25,6 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from omegaconf import DictConfig
 
+from fl_common import protocol
 from fl_common.costs import module_costs
 from tasks.base import ClientRound, LocalUpdate, ServerTask, Task
 from tasks.rl.spec import RLSpec, install_forecaster
@@ -147,7 +148,7 @@ class RLTask(Task):
         model.load_state_dict(deployed_state(spec, arrays.to_torch_state_dict(), _local_state(run)))
         scores, _ = evaluate_deployment(spec, {run.partition_id: model}, spec.eval_seeds[:1])
         return {"eval_return": scores["return"], "eval_slo_violation_rate": scores["slo_violation_rate"],
-                "num-examples": 1}
+                protocol.NUM_EXAMPLES: 1}
 
 
 def rl_arm(cfg: DictConfig) -> str:
