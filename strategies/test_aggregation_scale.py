@@ -1,5 +1,5 @@
-"""The fast aggregation paths (zero-copy reads, blocked BLAS sums) give the
-same numbers as the plain formulas.
+"""The fast aggregation paths (zero-copy reads, blocked BLAS sums, count
+sketches for clustering) give the same numbers as the plain formulas.
 
 No timing here: ``python -m scripts.bench.aggregation`` measures speed."""
 
@@ -10,6 +10,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
+from fl_server.config import ConfigError, compose_config
+from strategies import build_strategy
+from strategies.staleness_clustered import StalenessClustered, UpdateSketch, cluster_updates
 from strategies.testing import FakeGrid, train_reply
 from strategies.weighted_sum import (
     FastFedAvg,
@@ -135,3 +138,131 @@ def test_fast_fedavgm_equals_flowers_fedavgm_over_two_rounds():
 def test_aggregate_arrayrecords_hand_computed():
     contents = [train_reply(record([1.0, 2.0]), 1).content, train_reply(record([3.0, 6.0]), 3).content]
     np.testing.assert_allclose(aggregate_arrayrecords(contents, "num-examples")["l0"].numpy(), [2.5, 5.0])
+
+
+# -- staleness-aware aggregation on float32 models ----------------------------
+def test_staleness_step_equals_the_delta_formula_with_two_bases_and_momentum():
+    # Prepare: one cluster; round 1 sends w0, round 2 sends w1; in round 2 node 1 is fresh
+    # (base w1, tau 0) and node 2 stale (base w0, tau 1); polynomial a=1: s(1) = 1/2
+    strategy = StalenessClustered(discount="polynomial", discount_a=1.0, mixing=0.5, server_momentum=0.5,
+                                  min_available_nodes=1, min_train_nodes=1)
+    w0 = RNG.standard_normal(300_000).astype(np.float32)
+    list(strategy.configure_train(1, record(w0), ConfigRecord({}), FakeGrid([1, 2])))
+    m1 = w0 + 0.01 * RNG.standard_normal(w0.size).astype(np.float32)
+    w1 = strategy.aggregate_train(1, [train_reply(record(m1), 10, node_id=1, **{"dispatch-round": 1})])[0]
+    w1 = w1.to_numpy_ndarrays()[0]
+    list(strategy.configure_train(2, record(w1), ConfigRecord({}), FakeGrid([1])))
+    fresh = w1 + 0.01 * RNG.standard_normal(w0.size).astype(np.float32)
+    stale = w0 + 0.01 * RNG.standard_normal(w0.size).astype(np.float32)
+    # Execute
+    w2, _ = strategy.aggregate_train(2, [
+        train_reply(record(fresh), 30, node_id=1, **{"dispatch-round": 2, "staleness": 0}),
+        train_reply(record(stale), 10, node_id=2, **{"dispatch-round": 1, "staleness": 1}),
+    ])
+    # Assert, in float64: round 1 step v1 = 0.5 (m1 - w0); w1 = w0 + v1
+    v1 = 0.5 * (m1.astype(np.float64) - w0)
+    np.testing.assert_allclose(w1, w0 + v1, atol=1e-6)
+    # round 2 step = 0.75 * 0.5 * (fresh - w1) + 0.25 * 0.25 * (stale - w0); v2 = 0.5 v1 + step
+    step = 0.375 * (fresh.astype(np.float64) - w1) + 0.0625 * (stale.astype(np.float64) - w0)
+    np.testing.assert_allclose(w2.to_numpy_ndarrays()[0], w1 + 0.5 * v1 + step, atol=1e-6)
+
+
+def test_without_clustering_no_per_node_copies_are_kept():
+    strategy = StalenessClustered(min_available_nodes=1, min_train_nodes=1)
+    list(strategy.configure_train(1, record(np.zeros(4)), ConfigRecord({}), FakeGrid([1])))
+    strategy.aggregate_train(1, [train_reply(record(np.ones(4)), 1, node_id=1)])
+    assert strategy.latest_update == {} and strategy.latest_model == {}
+
+
+# -- sketches ------------------------------------------------------------------
+def test_sketch_hand_computed():
+    # 5 values into 2 buckets: j -> j mod 2, times the seeded sign s_j
+    sketch = UpdateSketch(2, seed=3)
+    s = sketch.signs(5)
+    assert set(np.unique(s)) <= {-1.0, 1.0}
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32)
+    expected = [s[0] * 1 + s[2] * 3 + s[4] * 5, s[1] * 2 + s[3] * 4]
+    np.testing.assert_allclose(sketch([x]), expected)
+    # split into layers of odd sizes, and as a difference from a base: the same numbers
+    np.testing.assert_allclose(sketch([x[:3].reshape(3, 1), x[3:]]), expected)
+    np.testing.assert_allclose(sketch([x + 7], base=[np.full(5, 7.0, np.float32)]), expected)
+
+
+def test_sketch_is_linear_and_keeps_inner_products_roughly():
+    sketch = UpdateSketch(1024, seed=0)
+    x, y = RNG.standard_normal((2, 200_003)).astype(np.float32)
+    y = 0.6 * x + 0.8 * y  # cosine(x, y) ~ 0.6
+    sx, sy = sketch([x]), sketch([y])
+    np.testing.assert_allclose(sketch([x + 2 * y]), sx + 2 * sy, rtol=1e-4, atol=1e-3)
+    cosine = np.dot(sx, sy) / np.linalg.norm(sx) / np.linalg.norm(sy)
+    true = np.dot(x, y) / np.linalg.norm(x) / np.linalg.norm(y)
+    assert abs(cosine - true) < 0.15  # sd ~ 1/sqrt(1024) = 0.03
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2.5, True, "64"])
+def test_bad_sketch_dims_are_refused(bad):
+    with pytest.raises(ValueError, match=f"sketch_dim={bad} is invalid"):
+        StalenessClustered(sketch_dim=bad)
+
+
+@pytest.mark.parametrize("clustering", [dict(num_clusters=3), dict(similarity_threshold=0.5)])
+def test_planted_clusters_are_recovered_from_sketches(clustering):
+    """Three groups of three clients; group g's updates are multiples (1, 2, 5)
+    of direction g, and the directions have disjoint supports (cosine exactly 0
+    across groups, 1 within). The sketch is linear, so within a group the
+    sketches stay exactly parallel; across groups their cosine is ~N(0, 1/64)."""
+    size = 30_000
+    directions = np.zeros((3, size), dtype=np.float32)
+    for g in range(3):
+        directions[g, g * 10_000:(g + 1) * 10_000] = RNG.standard_normal(10_000)
+    strategy = StalenessClustered(**clustering, sketch_dim=64, recluster_every=1,
+                                  min_available_nodes=1, min_train_nodes=1)
+    nodes = list(range(1, 10))
+    start = np.zeros(size, dtype=np.float32)
+    list(strategy.configure_train(1, record(start[:12_345], start[12_345:]), ConfigRecord({}), FakeGrid(nodes)))
+    replies = []
+    for node in nodes:
+        update = (1, 2, 5)[(node - 1) % 3] * directions[(node - 1) // 3]
+        replies.append(train_reply(record(update[:12_345], update[12_345:]), 10, node_id=node,
+                                   **{"dispatch-round": 1, "partition-id": node - 1}))
+    _, metrics = strategy.aggregate_train(1, replies)
+    sketches = np.stack([strategy.latest_update[n] for n in nodes])
+    assert sketches.shape == (9, 64)
+    unit = sketches / np.linalg.norm(sketches, axis=1, keepdims=True)
+    across = [abs(unit[i] @ unit[j]) for i in range(9) for j in range(9) if i // 3 != j // 3]
+    assert max(across) < 0.5
+    assert metrics["num_clusters"] == 3
+    found = [strategy.cluster_of[n] for n in nodes]
+    assert [len(set(found[i:i + 3])) for i in (0, 3, 6)] == [1, 1, 1] and len(set(found)) == 3
+    # each cluster's model is its members' mean model: (1 + 2 + 5) / 3 times its direction
+    for g in range(3):
+        model = np.concatenate(strategy.models[found[3 * g]])
+        np.testing.assert_allclose(model, 8 / 3 * directions[g], rtol=1e-5, atol=1e-5)
+
+
+def test_noisy_planted_clusters_are_recovered_from_sketches():
+    # 4 planted directions in 20,000 dimensions, noise of the same norm: cosine 0.5 within, ~0 across
+    directions = RNG.standard_normal((4, 20_000)).astype(np.float32)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    sketch = UpdateSketch(128, seed=1)
+    labels = np.arange(200) % 4
+    noise = RNG.standard_normal((200, 20_000)).astype(np.float32) / np.sqrt(20_000)
+    sketches = np.stack([sketch([directions[g] + n]) for g, n in zip(labels, noise)])
+    found = cluster_updates(sketches, 4, None, seed=0)
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(labels, found) == 1.0
+
+
+# -- config --------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["1", "2.5", "true", "abc"])
+def test_config_refuses_a_bad_sketch_dim_naming_it(bad):
+    with pytest.raises(ConfigError, match=r"strategy.sketch_dim=.* is invalid: use an integer >= 2"):
+        compose_config(["strategy=staleness_clustered", f"strategy.sketch_dim={bad}"])  # validates
+
+
+def test_registry_passes_sketch_dim():
+    strategy = build_strategy(compose_config(["strategy=staleness_clustered", "strategy.sketch_dim=64",
+                                              "strategy.num_clusters=2", "clients.num=4"]))
+    assert strategy.sketch.dim == 64
+    assert build_strategy(compose_config(["strategy=staleness_clustered", "clients.num=4"])).sketch is None
