@@ -71,7 +71,7 @@ def cluster_updates(
         return np.zeros(1, dtype=int)
     if num_clusters is not None:
         k = min(num_clusters, len(unit))
-        return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(unit)
+        return KMeans(n_clusters=k, n_init=10, random_state=seed, copy_x=False).fit_predict(unit)  # unit is ours
     model = AgglomerativeClustering(
         n_clusters=None, metric="cosine", linkage="average", distance_threshold=1.0 - similarity_threshold
     )
