@@ -24,6 +24,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from .weighted_sum import all_finite, first_record, ndarray_view, record_views, weighted_sum
+
 PerClassEvaluator = Callable[[ArrayRecord], np.ndarray]
 
 
@@ -85,11 +87,8 @@ def ass_weights(
 
 
 def is_finite(arrays: ArrayRecord) -> bool:
-    """False if any floating-point value is NaN or infinite."""
-    for array in arrays.to_numpy_ndarrays():
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            return False
-    return True
+    """False if any floating-point value is NaN or infinite (read without copying)."""
+    return all_finite(record_views(arrays))
 
 
 class AccuracyStabilitySize(FedAvg):
@@ -149,12 +148,14 @@ class AccuracyStabilitySize(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Score each valid reply on the public set and average by V_i."""
         valid, _ = self._check_and_log_replies(replies, is_train=True)
-        finite = [m for m in valid if is_finite(self._arrays(m))]
-        rejected = len(valid) - len(finite)
+        finite = []
         for message in valid:
-            if message not in finite:
+            if is_finite(self._arrays(message)):
+                finite.append(message)
+            else:
                 log(WARNING, "ASS: rejected the update of node %s: NaN/Inf in its model",
                     message.metadata.src_node_id)
+        rejected = len(valid) - len(finite)
         if not finite:
             return None, MetricRecord({"ass_rejected": rejected}) if rejected else None
 
@@ -170,10 +171,10 @@ class AccuracyStabilitySize(FedAvg):
         return arrays, metrics
 
     def _arrays(self, message: Message) -> ArrayRecord:
-        return next(iter(message.content.array_records.values()))
+        return first_record(message.content, ArrayRecord)
 
     def _metrics(self, message: Message) -> MetricRecord:
-        return next(iter(message.content.metric_records.values()))
+        return first_record(message.content, MetricRecord)
 
     def _client_label(self, message: Message) -> int:
         metrics = self._metrics(message)
@@ -181,10 +182,9 @@ class AccuracyStabilitySize(FedAvg):
 
     @staticmethod
     def _weighted_sum(records: list[ArrayRecord], weights: np.ndarray) -> ArrayRecord:
+        """sum_i V_i M_i in each tensor's dtype: zero-copy reads, one BLAS pass
+        per reply (float32 tensors accumulate in float32, as FedAvg's do)."""
         keys = list(records[0].keys())
-        summed = {}
-        for key in keys:
-            stacked = [record[key].numpy() for record in records]
-            total = sum(w * a.astype(np.float64) for w, a in zip(weights, stacked))
-            summed[key] = Array(np.asarray(total, dtype=stacked[0].dtype))
-        return ArrayRecord(summed)
+        models = [[ndarray_view(record[key]) for key in keys] for record in records]
+        summed = weighted_sum(models, weights, [layer.dtype for layer in models[0]])
+        return ArrayRecord({key: Array(layer) for key, layer in zip(keys, summed)})

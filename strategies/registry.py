@@ -71,6 +71,7 @@ def build_strategy(
             recluster_every=int(sc.recluster_every),
             server_momentum=float(sc.server_momentum),
             max_staleness=int(sc.max_staleness),
+            sketch_dim=sc.get("sketch_dim"),
             seed=int(cfg.seed),
             **sampling,
         )

@@ -16,7 +16,9 @@ Two ideas from paper 001's "heterogeneous-aware FL", each switchable:
   similarity of their latest flattened updates (k-means on unit vectors with k
   from config, or average-linkage clustering cut at a similarity threshold, as
   in clustered FL, Sattler et al. 2020) and keeps one model per cluster; each
-  client trains on, and is evaluated with, its cluster's model.
+  client trains on, and is evaluated with, its cluster's model. For large
+  models the updates can be clustered on seeded count sketches of
+  ``sketch_dim`` dimensions instead of the full vectors (:class:`UpdateSketch`).
 
 Optional server momentum per cluster (FedAvgM's rule on each cluster's delta).
 """
@@ -32,6 +34,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
+
+from .weighted_sum import BLOCK, add_scaled, first_record, record_views, weighted_sum
 
 DISCOUNTS = ("constant", "polynomial", "hinge")
 
@@ -67,11 +71,84 @@ def cluster_updates(
         return np.zeros(1, dtype=int)
     if num_clusters is not None:
         k = min(num_clusters, len(unit))
-        return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(unit)
+        return KMeans(n_clusters=k, n_init=10, random_state=seed, copy_x=False).fit_predict(unit)  # unit is ours
     model = AgglomerativeClustering(
         n_clusters=None, metric="cosine", linkage="average", distance_threshold=1.0 - similarity_threshold
     )
     return model.fit_predict(unit)
+
+
+class UpdateSketch:
+    """Seeded signed count sketch of flattened model updates (a sparse JL
+    projection to ``dim`` dimensions).
+
+    Coordinate j of the flattened update goes to bucket ``j mod dim`` with a
+    random sign s_j = +-1 drawn once from ``seed``: ``S(x)_b = sum_{j = b mod dim}
+    s_j x_j``. The sketch is linear and E<S(x), S(y)> = <x, y>, so cosine
+    similarities are kept up to an error of about 1/sqrt(dim) (0.06 at 256,
+    0.03 at 1024) when an update's energy is spread over many coordinates
+    (striding mixes every layer into every bucket). One pass over the update,
+    nothing of update size is allocated.
+
+    Parameters
+    ----------
+    dim : int
+        Sketch dimensions (>= 2).
+    seed : int
+        Seeds the signs; sketches are comparable only under the same seed.
+    """
+
+    def __init__(self, dim: int, seed: int = 0) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
+            raise ValueError(f"sketch_dim={dim} is invalid: use an integer >= 2 (e.g. 256), or null for exact")
+        self.dim, self.seed = int(dim), seed
+        self._signs = np.empty(0, dtype=np.float32)
+
+    def signs(self, size: int) -> np.ndarray:
+        """The +-1 signs of a flattened update of ``size`` values."""
+        if self._signs.size != size:
+            rng = np.random.default_rng([self.seed, size])
+            self._signs = (rng.integers(0, 2, size=size, dtype=np.int8) * 2 - 1).astype(np.float32)
+        return self._signs
+
+    def __call__(self, layers: list[np.ndarray], base: list[np.ndarray] | None = None) -> np.ndarray:
+        """The sketch of ``layers`` (minus ``base``, layer by layer, if given), float64."""
+        d = self.dim
+        signs = self.signs(sum(layer.size for layer in layers))
+        out = np.zeros(d, dtype=np.float64)
+        rows = max(1, BLOCK // d)
+        scratch = np.empty(rows * d, dtype=np.float32)
+        offset = 0
+        for i, layer in enumerate(layers):
+            x = np.ravel(layer)  # a view of a C-contiguous tensor
+            b = None if base is None else np.ravel(base[i])
+            n, pos = x.size, 0
+            head = min((-offset) % d, n)  # up to the next bucket-0 coordinate
+            if head:
+                first = offset % d
+                out[first:first + head] += self._piece(x, b, 0, head, scratch) * signs[offset:offset + head]
+                pos = head
+            while n - pos >= d:  # whole rows of d buckets, a cache-sized block at a time
+                stop = pos + min((n - pos) // d, rows) * d
+                out += np.einsum("rb,rb->b", self._piece(x, b, pos, stop, scratch).reshape(-1, d),
+                                 signs[offset + pos:offset + stop].reshape(-1, d))
+                pos = stop
+            if pos < n:
+                out[: n - pos] += self._piece(x, b, pos, n, scratch) * signs[offset + pos:offset + n]
+            offset += n
+        return out
+
+    @staticmethod
+    def _piece(x: np.ndarray, b: np.ndarray | None, start: int, stop: int, scratch: np.ndarray) -> np.ndarray:
+        """``x[start:stop] - b[start:stop]`` (or ``x[start:stop]``) as float32, in ``scratch``."""
+        if b is None and x.dtype == np.float32:
+            return x[start:stop]
+        target = scratch[: stop - start]
+        if b is None:
+            target[...] = x[start:stop]
+        else:
+            np.subtract(x[start:stop], b[start:stop], out=target, casting="unsafe")
+        return target
 
 
 class StalenessClustered(FedAvg):
@@ -100,8 +177,13 @@ class StalenessClustered(FedAvg):
         How many rounds of sent models are kept to compute deltas. An update
         older than that cannot be applied; it is logged and counted
         (``updates_expired``), never silently dropped.
+    sketch_dim : int, optional
+        Cluster on seeded count sketches of this many dimensions
+        (:class:`UpdateSketch`) instead of the full flattened updates;
+        ``None`` (default) clusters the exact vectors. Each node then keeps
+        ``sketch_dim`` floats of its latest update instead of a model-sized copy.
     seed : int (default: 0)
-        Seeds k-means.
+        Seeds k-means and the sketch's signs.
     **fedavg_kwargs
         FedAvg's sampling and key arguments.
     """
@@ -118,6 +200,7 @@ class StalenessClustered(FedAvg):
         server_momentum: float = 0.0,
         max_staleness: int = 20,
         seed: int = 0,
+        sketch_dim: int | None = None,
         **fedavg_kwargs,
     ) -> None:
         if not 0 < mixing <= 1:
@@ -137,7 +220,9 @@ class StalenessClustered(FedAvg):
                 f"recluster_every={recluster_every} must be >= 1, max_staleness={max_staleness} "
                 f">= 0 and server_momentum={server_momentum} in [0, 1)"
             )
+        self.sketch = None if sketch_dim is None else UpdateSketch(sketch_dim, seed)  # validates
         super().__init__(**fedavg_kwargs)
+        self.sketch_dim = sketch_dim
         self.mixing, self.discount = mixing, discount
         self.discount_a, self.discount_b = discount_a, discount_b
         self.num_clusters, self.similarity_threshold = num_clusters, similarity_threshold
@@ -149,7 +234,7 @@ class StalenessClustered(FedAvg):
         self.sent: dict[tuple[int, int], list[np.ndarray]] = {}  # (cluster, round) -> model sent
         self.dispatch_cluster: dict[tuple[int, int], int] = {}  # (node, round) -> cluster
         self.momentum: dict[int, list[np.ndarray]] = {}
-        self.latest_update: dict[int, np.ndarray] = {}  # node -> flattened delta
+        self.latest_update: dict[int, np.ndarray] = {}  # node -> flattened delta (or its sketch)
         self.latest_model: dict[int, list[np.ndarray]] = {}
         self.partition_of: dict[int, int] = {}
 
@@ -196,9 +281,9 @@ class StalenessClustered(FedAvg):
 
     def summary(self) -> None:
         log(INFO, "\t├──> staleness-aware clustered: mixing=%s discount=%s(a=%s, b=%s) k=%s "
-            "threshold=%s R=%s momentum=%s", self.mixing, self.discount, self.discount_a,
+            "threshold=%s R=%s momentum=%s sketch_dim=%s", self.mixing, self.discount, self.discount_a,
             self.discount_b, self.num_clusters, self.similarity_threshold, self.recluster_every,
-            self.server_momentum)
+            self.server_momentum, self.sketch_dim)
         super().summary()
 
     # -- sending ------------------------------------------------------------
@@ -241,15 +326,20 @@ class StalenessClustered(FedAvg):
 
     # -- aggregating --------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Apply each update's discounted delta to its client's cluster model."""
+        """Apply each update's discounted delta to its client's cluster model.
+
+        Models are read as zero-copy views of the replies and summed with one
+        BLAS pass each (see :meth:`_apply`); the latest update and model of a
+        node are kept only when clustering is on.
+        """
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
-        per_cluster: dict[int, list[tuple[float, float, list[np.ndarray]]]] = {}
+        per_cluster: dict[int, list[tuple[float, float, list[np.ndarray], list[np.ndarray]]]] = {}
         expired, discounts = 0, []
         for message in valid:
             node = message.metadata.src_node_id
-            metrics = next(iter(message.content.metric_records.values()))
+            metrics = first_record(message.content, MetricRecord)
             dispatched = int(metrics.get("dispatch-round", server_round))
             tau = int(metrics.get("staleness", server_round - dispatched))
             if "partition-id" in metrics:
@@ -261,15 +351,15 @@ class StalenessClustered(FedAvg):
                 log(WARNING, "staleness-clustered: update of node %s from round %s (tau=%s) is older "
                     "than max_staleness=%s; not applied", node, dispatched, tau, self.max_staleness)
                 continue
-            model = next(iter(message.content.array_records.values())).to_numpy_ndarrays()
-            delta = [m.astype(np.float64) - b for m, b in zip(model, base)]
+            model = record_views(first_record(message.content, ArrayRecord))
             weight = self.mixing * staleness_discount(tau, self.discount, self.discount_a, self.discount_b)
             discounts.append(weight / self.mixing)
             samples = float(metrics[self.weighted_by_key])
             cluster = self.cluster_of.setdefault(node, base_cluster)
-            per_cluster.setdefault(cluster, []).append((samples, weight, delta))
-            self.latest_update[node] = np.concatenate([d.ravel() for d in delta]).astype(np.float32)
-            self.latest_model[node] = model
+            per_cluster.setdefault(cluster, []).append((samples, weight, model, base))
+            if self.clustered:
+                self.latest_update[node] = self._update_vector(model, base)
+                self.latest_model[node] = model
         for cluster, updates in per_cluster.items():
             self._apply(cluster, updates)
         reclustered = self.clustered and server_round % self.recluster_every == 0 and len(self.latest_update) > 1
@@ -284,16 +374,43 @@ class StalenessClustered(FedAvg):
             metrics[f"cluster_p{partition}"] = self.cluster_of.get(node, 0)
         return self._record(self.models[self._largest_cluster()]), metrics
 
-    def _apply(self, cluster: int, updates: list[tuple[float, float, list[np.ndarray]]]) -> None:
-        total = sum(samples for samples, _, _ in updates)
-        step = [np.zeros_like(layer, dtype=np.float64) for layer in self.models[cluster]]
-        for samples, weight, delta in updates:
-            for s, d in zip(step, delta):
-                s += (samples / total) * weight * d
+    def _update_vector(self, model: list[np.ndarray], base: list[np.ndarray]) -> np.ndarray:
+        """The flattened delta ``model - base`` as float32, or its sketch."""
+        if self.sketch is not None:
+            return self.sketch(model, base)
+        flat = np.empty(sum(layer.size for layer in model), dtype=np.float32)
+        offset = 0
+        for m, b in zip(model, base):
+            np.subtract(m.reshape(-1), np.reshape(b, -1), out=flat[offset:offset + m.size], casting="unsafe")
+            offset += m.size
+        return flat
+
+    def _apply(self, cluster: int, updates: list[tuple[float, float, list[np.ndarray], list[np.ndarray]]]) -> None:
+        """Move ``cluster``'s model by ``sum_i c_i (model_i - base_i)``, with
+        c_i = samples_i / total * mixing * s(tau_i).
+
+        Computed as ``sum_i c_i model_i - sum_b (sum_{i: base b} c_i) base_b``:
+        one BLAS pass over each reply and one per distinct base (a round's
+        updates share few), accumulated in the tensors' precision. For float32
+        models the step then carries an absolute error of some float32 ulps of
+        the model's values (about sqrt(n) for n updates, at most n/2), the
+        order of the rounding of the stored float32 model itself, rather than
+        ulps of the (smaller) deltas as a float64 delta-by-delta sum would.
+        """
+        total = sum(samples for samples, _, _, _ in updates)
+        coefficients = [(samples / total) * weight for samples, weight, _, _ in updates]
+        step = weighted_sum([model for _, _, model, _ in updates], coefficients)
+        bases: dict[int, list] = {}
+        for (_, _, _, base), c in zip(updates, coefficients):
+            bases.setdefault(id(base), [base, 0.0])[1] += c
+        for base, c in bases.values():
+            for s, b in zip(step, base):
+                add_scaled(s, b, -c)
         if self.server_momentum > 0:
             previous = self.momentum.get(cluster)
             if previous is not None:
-                step = [self.server_momentum * v + s for v, s in zip(previous, step)]
+                for s, v in zip(step, previous):
+                    add_scaled(s, v, self.server_momentum)
             self.momentum[cluster] = step
         self.models[cluster] = [
             (m + s).astype(m.dtype) for m, s in zip(self.models[cluster], step)
@@ -308,10 +425,11 @@ class StalenessClustered(FedAvg):
         new_models: dict[int, list[np.ndarray]] = {}
         for label in sorted(set(labels)):
             members = [n for n, l in zip(nodes, labels) if l == label]
-            new_models[int(label)] = [
-                np.mean([self.latest_model[n][i] for n in members], axis=0).astype(layer.dtype)
-                for i, layer in enumerate(self.latest_model[members[0]])
-            ]
+            first = self.latest_model[members[0]]
+            new_models[int(label)] = weighted_sum(
+                [self.latest_model[n] for n in members], [1.0 / len(members)] * len(members),
+                [layer.dtype for layer in first],
+            )
         self.models = new_models
         self.cluster_of.update({n: int(l) for n, l in zip(nodes, labels)})
         largest = self._largest_cluster()
