@@ -331,7 +331,7 @@ def _validate_staleness_clustered(cfg: DictConfig) -> None:
              f"strategy.server_momentum={sc.server_momentum} is invalid: use a value in [0, 1)")
     _require(isinstance(sc.max_staleness, int) and sc.max_staleness >= 0,
              f"strategy.max_staleness={sc.max_staleness} is invalid: use an integer >= 0")
-    sketch_dim = sc.get("sketch_dim")
+    sketch_dim = sc.sketch_dim
     _require(sketch_dim is None
              or (isinstance(sketch_dim, int) and not isinstance(sketch_dim, bool) and sketch_dim >= 2),
              f"strategy.sketch_dim={sketch_dim} is invalid: use an integer >= 2 (e.g. 256) to cluster "

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from strategies.ass import AccuracyStabilitySize
 from strategies.staleness_clustered import StalenessClustered, UpdateSketch, cluster_updates
-from strategies.testing import FakeGrid, train_reply
+from tests.fake_grid import FakeGrid, train_reply
 from strategies.weighted_sum import FastFedAvg, FastFedAvgM, blas_threads, ndarray_view
 
 CLASSES = 10

@@ -15,6 +15,7 @@ from fl_common import compression as comp
 from fl_server.engine.secagg import SecAggSettings, secure_average
 from fl_server.experiments.config import compose_config
 from fl_server.experiments.experiment import run_experiment, train_config
+from strategies.weighted_sum import FastFedAvg
 from tasks.image.models import build_model
 from tests.fake_grid import FakeGrid
 from tests.fl_clients.privacy_helpers import history, only_run, stateful_clients, wire
@@ -88,7 +89,7 @@ def test_server_side_code_never_sees_an_individual_update():
 def test_secagg_run_gives_every_client_the_aggregate_and_learns(tracking_uri):
     # Prepare: spy on what the strategy's aggregate_train is given
     seen: list[list[Message]] = []
-    original = FedAvg.aggregate_train
+    original = FastFedAvg.aggregate_train  # what strategy=fedavg builds
 
     def spy(self, server_round, replies):
         replies = list(replies)
@@ -96,12 +97,12 @@ def test_secagg_run_gives_every_client_the_aggregate_and_learns(tracking_uri):
         return original(self, server_round, replies)
 
     cfg = compose_config(["num_rounds=2", "clients.num=3", "seed=1", "privacy=secagg"])
-    FedAvg.aggregate_train = spy
+    FastFedAvg.aggregate_train = spy
     try:
         # Execute
         final = run_experiment(FakeGrid(NODES, stateful_clients(3)), cfg, tracking_uri)
     finally:
-        FedAvg.aggregate_train = original
+        FastFedAvg.aggregate_train = original
     # Assert: every "reply" the strategy sees holds the same (aggregate) model
     assert len(seen) == 2
     for replies in seen:

@@ -10,10 +10,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-from fl_server.config import ConfigError, compose_config
+from fl_server.experiments.config import ConfigError, compose_config
 from strategies import build_strategy
 from strategies.staleness_clustered import StalenessClustered, UpdateSketch, cluster_updates
-from strategies.testing import FakeGrid, train_reply
 from strategies.weighted_sum import (
     FastFedAvg,
     FastFedAvgM,
@@ -23,6 +22,7 @@ from strategies.weighted_sum import (
     ndarray_view,
     weighted_sum,
 )
+from tests.fake_grid import FakeGrid, train_reply
 
 RNG = np.random.default_rng(0)
 
