@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl_clients.image_task import evaluate, per_class_accuracy, predict
 from fl_clients.models import build_model
 from fl_datasets.federated import DataSpec, build_image_data
-from fl_server import fault_handling, progress, protection
+from fl_server import fault_handling, mlflow_ui, progress, protection
 from fl_server.config import default_run_name, flatten, is_forecast, is_rl
 from fl_clients.devices import Fleet, check_memory, is_online
 from fl_server.checkpoint import RunCheckpoints
@@ -210,9 +210,12 @@ def _run_tracked(
 ) -> dict[str, float]:
     started = time.perf_counter()
     history = start_tracking(cfg, tracker, checkpoints)
+    if cfg.tracking.log_model:  # log_model's imports (torch.export needs dynamo: ~2 s), while clients train
+        tracker.warm_up("mlflow.pytorch", "torch._dynamo")
     spec = DataSpec.from_config(cfg)
     data = build_image_data(spec)
     if not checkpoints.resumed:
+        tracker.log_datasets(lambda: mlflow_ui.image_datasets(spec, data))  # the UI's Dataset column
         tracker.log_text(_class_counts_csv(data.class_counts()), "data/client_class_counts.csv")
         tracker.log_metrics(
             {
@@ -260,6 +263,9 @@ def _run_tracked(
     final = {k: history[-1][k] for k in HEADLINE if k in history[-1]}
     final["wall_time_s"] = time.perf_counter() - started
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=int(cfg.num_rounds))
+    if cfg.tracking.log_model:  # an MLflow model (the UI's Models column), linked to the final metrics
+        tracker.log_pytorch_model(lambda: mlflow_ui.trained_model(
+            str(cfg.task.model), spec.num_classes, final_arrays, data.test.x[:2]), step=int(cfg.num_rounds))
     tracker.finish()
     progress.emit("finished", mlflow_run_id=tracker.run_id, **final)
     return final
