@@ -165,9 +165,11 @@ def _source_path(spec: Any) -> str:
 
 
 def partition_context(spec: Any) -> str:
-    """``train: dirichlet α=0.5 ρ=10, 10 clients`` (the input's context tag)."""
-    alpha = f" α={spec.alpha:g}" if spec.scheme == "dirichlet" and spec.alpha is not None else ""
-    return f"train: {spec.scheme}{alpha} ρ={spec.rho:g}, {spec.num_clients} clients"
+    """``train: dirichlet alpha=0.5 rho=10, 10 clients`` (the input's context
+    tag). ASCII names: the UI capitalises each word of a context, which turns
+    α and ρ into the look-alikes Α and Ρ."""
+    alpha = f" alpha={spec.alpha:g}" if spec.scheme == "dirichlet" and spec.alpha is not None else ""
+    return f"train: {spec.scheme}{alpha} rho={spec.rho:g}, {spec.num_clients} clients"
 
 
 def image_datasets(spec: Any, data: Any) -> list[tuple[Any, str]]:
