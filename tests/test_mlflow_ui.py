@@ -7,7 +7,7 @@ does (``python -m fl_server.mlflow_ui``, which tags the store and runs
 ``mlflow ui``) on a free loopback port, opens the printed link in headless
 Chromium and checks the runs table: both jobs nested under their sweep parent,
 with the strategy and accuracy columns on screen. It saves a screenshot
-(``FC_UPDATE_SCREENSHOT=1`` also writes the README's ``docs/mlflow-ui-runs.png``).
+(``FC_UPDATE_SCREENSHOT=1`` also writes the README's ``docs/mlflow-ui-runs*.png``).
 
 Chromium is Debian's ``chromium`` package (installed here by the test when
 missing and we are root with apt-get); it is driven over the DevTools protocol
@@ -40,7 +40,7 @@ from fl_server.mlflow_ui import COMPARE_VIEW_ID, EXPERIMENT_KIND_TAG, MODEL_TRAI
 from fl_server.tracking import RunTracker
 from tests.conftest import PROJECT_DIR, run_module, sqlite_uri
 
-SCREENSHOT = PROJECT_DIR / "docs" / "mlflow-ui-runs.png"
+SCREENSHOTS = PROJECT_DIR / "docs"  # mlflow-ui-runs.png, mlflow-ui-runs-right.png (FC_UPDATE_SCREENSHOT=1)
 
 
 def saved_view(experiment_tags: dict[str, str]) -> tuple[dict, dict]:
@@ -113,7 +113,7 @@ def test_data_sets_and_model_are_logged_as_the_ui_reads_them(tracking_uri, tmp_p
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"mnist-5k-clients", "mnist-5k-test", "mnist-5k-public-val"}
     train = inputs["mnist-5k-clients"]
-    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train: dirichlet α=0.5 ρ=10, 2 clients"
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train: dirichlet alpha=0.5 rho=10, 2 clients"
     assert train.dataset.digest and json.loads(train.dataset.source)["uri"].endswith("mnist_5k.csv.gz")
     assert json.loads(train.dataset.profile)["features_shape"] == [sum(data.client_sizes()), 1, 28, 28]
     (output,) = run.outputs.model_outputs
@@ -142,7 +142,7 @@ def test_an_experiment_run_logs_its_data_sets_model_and_source(tracking_uri):
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     contexts = {i.dataset.name: {t.key: t.value for t in i.tags}[mlflow_ui.CONTEXT_TAG] for i in run.inputs.dataset_inputs}
-    assert contexts == {"mnist-5k-clients": "train: dirichlet α=0.3 ρ=1, 4 clients",
+    assert contexts == {"mnist-5k-clients": "train: dirichlet alpha=0.3 rho=1, 4 clients",
                         "mnist-5k-test": "eval", "mnist-5k-public-val": "validation"}
     (output,) = run.outputs.model_outputs
     assert output.step == 1 and client.get_logged_model(output.model_id).name == mlflow_ui.MODEL_NAME
@@ -381,7 +381,7 @@ def test_the_runs_table_shows_the_sweep_with_strategy_and_accuracy(chromium, swe
     (parent,) = [r for r in runs if r.data.tags.get("fc.kind") == "sweep"]
     children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert len(children) == 2
-    browser = Browser(chromium, tmp_path / "chromium-profile")
+    browser = Browser(chromium, tmp_path / "chromium-profile", width=1600, height=560)
     try:
         # Execute: open the link the UI command printed; expand the sweep
         browser.open(mlflow_ui_server)
@@ -404,6 +404,7 @@ def test_the_runs_table_shows_the_sweep_with_strategy_and_accuracy(chromium, swe
         time.sleep(0.5)
         for run_id, row in browser.js(ROWS_JS).items():
             rows[run_id]["cells"].update(row["cells"])
+        browser.screenshot(tmp_path / "mlflow-ui-runs-right.png")
     finally:
         browser.close()
 
@@ -423,5 +424,6 @@ def test_the_runs_table_shows_the_sweep_with_strategy_and_accuracy(chromium, swe
         assert cells["attributes.`Version`"] == run.data.tags["mlflow.source.git.commit"][:6], cells
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
     if os.environ.get("FC_UPDATE_SCREENSHOT") == "1":
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(shot, SCREENSHOT)
+        SCREENSHOTS.mkdir(exist_ok=True)
+        for name in ("mlflow-ui-runs.png", "mlflow-ui-runs-right.png"):
+            shutil.copyfile(tmp_path / name, SCREENSHOTS / name)
