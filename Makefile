@@ -42,7 +42,7 @@ deploy-local: install
 	$(PY) -m scripts.deploy_local $(ARGS)
 
 mlflow-ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db
+	$(PY) -m fl_server.experiments.mlflow_ui $(ARGS)
 
 clean:
 	rm -rf .flwr outputs multirun

@@ -8,6 +8,10 @@ A :class:`RunTracker` does its MLflow work on one background thread, in
 order: importing MLflow (~1.4 s), opening the store and creating the run
 overlap with Ray starting the clients, and rounds never wait on the store.
 ``flush``, ``finish`` and ``fail`` wait for everything queued before them.
+
+What the MLflow UI makes of it (experiment kind, the "Compare strategies"
+view, source tags, data set inputs, the logged model) is in
+:mod:`fl_server.experiments.mlflow_ui`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from fl_server.experiments import mlflow_ui
 from fl_server.experiments.config import default_tracking_uri
 
 __all__ = ["RunTracker", "default_tracking_uri", "ensure_experiment", "mark_failed", "attach_log"]
@@ -38,19 +43,24 @@ def _local_artifact_root(tracking_uri: str) -> str | None:
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
-    """Id of experiment ``name``, created if missing (safe under races)."""
+    """Id of experiment ``name``, created if missing (safe under races), as a
+    model-training experiment with the "Compare strategies" runs view; an
+    existing experiment gets whichever of those tags it lacks."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        mlflow_ui.prepare_experiment(client, experiment)
         return experiment.experiment_id
     root = _local_artifact_root(tracking_uri)
     try:
-        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                        tags=mlflow_ui.experiment_tags())
     except MlflowException:  # another process created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
+        mlflow_ui.prepare_experiment(client, experiment)
         return experiment.experiment_id
 
 
@@ -119,7 +129,8 @@ class RunTracker:
                 self.client.set_tag(resume_run_id, "fc.resumed", "true")
             else:
                 experiment_id = ensure_experiment(self.client, experiment, tracking_uri)
-                run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+                tags = {**mlflow_ui.source_tags(), **all_tags}  # entry point, git commit
+                run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
             self._ready = True
             if on_created is not None:
                 on_created(run.info.run_id, experiment_id)
@@ -240,6 +251,34 @@ class RunTracker:
                 path = Path(tmp) / Path(artifact_file).name
                 torch.save(state_dict, path)
                 self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+
+        self._submit(log)
+
+    def log_datasets(self, make_datasets: Callable[[], list[tuple[Any, str]]]) -> None:
+        """Queue ``make_datasets()`` (run on the tracker's thread): ``mlflow.data``
+        data sets with their context (``train``, ``eval``, ...), logged as the
+        run's inputs (the UI's Dataset column)."""
+
+        def log() -> None:
+            from mlflow.entities import DatasetInput, InputTag
+
+            inputs = [
+                DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(mlflow_ui.CONTEXT_TAG, context)])
+                for dataset, context in make_datasets()
+            ]
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+        self._submit(log)
+
+    def log_pytorch_model(self, make_model: Callable[[], tuple[Any, Any]], step: int = 0) -> None:
+        """Queue ``make_model()`` -> ``(torch module, input example)`` (run on
+        the tracker's thread) and log it with ``mlflow.pytorch.log_model``
+        (signature, input example; the UI's Models column), linked to this
+        run's metrics at ``step``."""
+
+        def log() -> None:
+            model, example = make_model()
+            mlflow_ui.log_pytorch_model(self.client, self.run_id, model, example, step=step)
 
         self._submit(log)
 

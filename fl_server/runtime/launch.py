@@ -303,7 +303,9 @@ def resume_hint(cfg: DictConfig, overrides: list[str], outcome: JobOutcome) -> s
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
+    from fl_server.experiments.mlflow_ui import hint
+
+    return hint(tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,8 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from strategies.ass import AccuracyStabilitySize
 from strategies.staleness_clustered import StalenessClustered, UpdateSketch, cluster_updates
-from tests.fake_grid import FakeGrid, train_reply
 from strategies.weighted_sum import FastFedAvg, FastFedAvgM, blas_threads, ndarray_view
+from tests.fake_grid import FakeGrid, train_reply
 
 CLASSES = 10
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from fl_common import protocol
 from fl_datasets.federated import DataSpec, FederatedImageData, build_image_data
 from tasks.base import ClientRound, LocalUpdate, ServerTask, Task
+from tasks.image.mlflow_inputs import image_datasets, trained_model
 from tasks.image.models import MODELS, build_model, model_costs
 from tasks.image.training import evaluate, per_class_accuracy, predict, train_local
 
@@ -168,6 +169,9 @@ class ImageServer(ServerTask):
         return per_class
 
     def log_inputs(self, tracker: Any) -> None:
+        if self.cfg.tracking.log_model:  # log_model's imports (torch.export needs dynamo: ~2 s), while clients train
+            tracker.warm_up("mlflow.pytorch", "torch._dynamo")
+        tracker.log_datasets(lambda: image_datasets(self.spec, self.data))  # the UI's Dataset column
         counts = self.data.class_counts()
         tracker.log_text(_class_counts_csv(counts), "data/client_class_counts.csv")
         tracker.log_metrics({"data_train_samples": float(sum(self.client_sizes)),
@@ -175,6 +179,9 @@ class ImageServer(ServerTask):
 
     def report(self, tracker: Any, history: list[dict[str, Any]], final: ArrayRecord, run_name: str) -> dict[str, float]:
         tracker.log_figure(lambda: _accuracy_plot(history, run_name), "plots/accuracy_vs_round.png")
+        if self.cfg.tracking.log_model:  # an MLflow model (the UI's Models column)
+            tracker.log_pytorch_model(lambda: trained_model(str(self.cfg.task.model), self.spec.num_classes, final,
+                                                            self.data.test.x[:2]), step=int(self.cfg.num_rounds))
         return {}
 
 
