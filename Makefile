@@ -9,6 +9,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
+# two workers (pytest-xdist), one test file each at a time: the e2e simulations mostly wait on
+# Ray and SuperLink timeouts, so two of them overlap well on CI's 2 cores
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test install sweep bench deploy-local mlflow-ui clean
 
@@ -26,7 +29,7 @@ run: install
 	$(PY) -m fl_server.launch $(ARGS)
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # e.g. make sweep ARGS="partition.rho=1,10,100 strategy=fedavg,fedavgm seed=0,1,2"
 sweep: install

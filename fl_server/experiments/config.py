@@ -20,6 +20,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from fl_server.engine.flat_config import flatten  # noqa: F401  (re-exported: experiments and scripts use it)
+from strategies.validation import validate_strategy
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_DIR / "conf"
@@ -251,33 +252,10 @@ def validate_config(cfg: DictConfig) -> None:
         _is_number(cfg.train.momentum) and 0 <= cfg.train.momentum < 1,
         f"train.momentum={cfg.train.momentum} is invalid: use a value in [0, 1)",
     )
-    if cfg.strategy.name == "fedavgm":
-        _require(
-            _is_number(cfg.strategy.server_momentum) and 0 <= cfg.strategy.server_momentum < 1,
-            f"strategy.server_momentum={cfg.strategy.server_momentum} is invalid: "
-            "use a value in [0, 1) (paper 001 uses 0.9)",
-        )
-        _require(
-            _is_number(cfg.strategy.server_learning_rate)
-            and cfg.strategy.server_learning_rate > 0,
-            f"strategy.server_learning_rate={cfg.strategy.server_learning_rate} is "
-            "invalid: it must be > 0",
-        )
-    if cfg.strategy.name == "ass":
-        for key in ("alpha", "beta", "gamma"):
-            value = cfg.strategy[key]
-            _require(
-                _is_number(value) and value >= 0,
-                f"strategy.{key}={value} is invalid: ASS exponents must be >= 0 "
-                "(0 switches that factor off)",
-            )
-        _require(
-            _is_number(cfg.strategy.floor) and 0 <= cfg.strategy.floor < 1,
-            f"strategy.floor={cfg.strategy.floor} is invalid: use a value in [0, 1) "
-            "(0 = the paper's literal min-max normalisation)",
-        )
-    if cfg.strategy.name == "staleness_clustered":
-        _validate_staleness_clustered(cfg)
+    try:  # each strategy's parameters, checked where strategies are built
+        validate_strategy(cfg.strategy, int(cfg.clients.num))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     deadline = cfg.devices.deadline_s
     _require(
         deadline is None or (_is_number(deadline) and deadline > 0),
@@ -293,7 +271,6 @@ def validate_config(cfg: DictConfig) -> None:
              "interrupted run (quoted if it looks like a number), or null")
     _validate_privacy(cfg)
     _validate_compression(cfg)
-    _validate_robust(cfg)
     _validate_fault_handling(cfg)
     _require(
         isinstance(cfg.simulation.cpus_per_client, int) and cfg.simulation.cpus_per_client >= 1,
@@ -304,38 +281,6 @@ def validate_config(cfg: DictConfig) -> None:
         _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,
         f"simulation.round_timeout_s={cfg.simulation.round_timeout_s} is invalid: must be > 0",
     )
-
-
-def _validate_staleness_clustered(cfg: DictConfig) -> None:
-    sc = cfg.strategy
-    _require(_is_number(sc.mixing) and 0 < sc.mixing <= 1,
-             f"strategy.mixing={sc.mixing} is invalid: use a value in (0, 1]")
-    _require(sc.discount in ("constant", "polynomial", "hinge"),
-             f"strategy.discount={sc.discount} is unknown: use constant, polynomial or hinge")
-    _require(_is_number(sc.discount_a) and sc.discount_a > 0,
-             f"strategy.discount_a={sc.discount_a} is invalid: must be > 0")
-    _require(isinstance(sc.discount_b, int) and sc.discount_b >= 0,
-             f"strategy.discount_b={sc.discount_b} is invalid: use an integer >= 0")
-    _require(sc.num_clusters is None or sc.similarity_threshold is None,
-             "strategy.num_clusters and strategy.similarity_threshold are exclusive: set one to null")
-    if sc.num_clusters is not None:
-        _require(isinstance(sc.num_clusters, int) and 1 <= sc.num_clusters <= cfg.clients.num,
-                 f"strategy.num_clusters={sc.num_clusters} is invalid: use an integer in "
-                 f"[1, clients.num={cfg.clients.num}]")
-    if sc.similarity_threshold is not None:
-        _require(_is_number(sc.similarity_threshold) and -1 < sc.similarity_threshold < 1,
-                 f"strategy.similarity_threshold={sc.similarity_threshold} is invalid: use a value in (-1, 1)")
-    _require(isinstance(sc.recluster_every, int) and sc.recluster_every >= 1,
-             f"strategy.recluster_every={sc.recluster_every} is invalid: use an integer >= 1")
-    _require(_is_number(sc.server_momentum) and 0 <= sc.server_momentum < 1,
-             f"strategy.server_momentum={sc.server_momentum} is invalid: use a value in [0, 1)")
-    _require(isinstance(sc.max_staleness, int) and sc.max_staleness >= 0,
-             f"strategy.max_staleness={sc.max_staleness} is invalid: use an integer >= 0")
-    sketch_dim = sc.sketch_dim
-    _require(sketch_dim is None
-             or (isinstance(sketch_dim, int) and not isinstance(sketch_dim, bool) and sketch_dim >= 2),
-             f"strategy.sketch_dim={sketch_dim} is invalid: use an integer >= 2 (e.g. 256) to cluster "
-             "sketches of the updates, or null to cluster the full updates")
 
 
 CENTRAL_DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
@@ -485,24 +430,6 @@ def _validate_compression(cfg: DictConfig) -> None:
              "or null for float32 values")
     for key in ("enabled", "error_feedback", "downlink"):
         _require(isinstance(c[key], bool), f"compression.{key}={c[key]} is invalid: use true or false")
-
-
-def _validate_robust(cfg: DictConfig) -> None:
-    """Flower's robust aggregators (conf/strategy/{fedmedian,fedtrimmedavg,krum}.yaml)."""
-    st, n = cfg.strategy, cfg.clients.num
-    if st.name == "fedtrimmedavg":
-        _require(_is_number(st.beta) and 0 <= st.beta < 0.5,
-                 f"strategy.beta={st.beta} is invalid: the fraction trimmed from each end must lie "
-                 "in [0, 0.5), e.g. strategy.beta=0.2")
-    if st.name == "krum":
-        f = st.num_malicious_nodes
-        _require(isinstance(f, int) and f >= 0 and n >= 2 * f + 3,
-                 f"strategy.num_malicious_nodes={f} is invalid: Krum tolerates f malicious of n clients "
-                 f"only for n >= 2f + 3 (clients.num={n} allows f <= {max((n - 3) // 2, 0)})")
-        m = st.num_nodes_to_select
-        _require(isinstance(m, int) and 1 <= m <= n - (f if isinstance(f, int) else 0),
-                 f"strategy.num_nodes_to_select={m} is invalid: use an integer in [1, clients.num - "
-                 f"num_malicious_nodes] (1 = Krum, more = Multi-Krum averaging the best m)")
 
 
 def _validate_fault_handling(cfg: DictConfig) -> None:
