@@ -262,11 +262,14 @@ class RunTracker:
         def log() -> None:
             from mlflow.entities import DatasetInput, InputTag
 
-            inputs = [
-                DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(mlflow_ui.CONTEXT_TAG, context)])
-                for dataset, context in make_datasets()
-            ]
-            self.client.log_inputs(self.run_id, datasets=inputs)
+            try:  # what the UI shows: a failure here is reported, it does not fail the run
+                inputs = [
+                    DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(mlflow_ui.CONTEXT_TAG, context)])
+                    for dataset, context in make_datasets()
+                ]
+                self.client.log_inputs(self.run_id, datasets=inputs)
+            except Exception as err:  # noqa: BLE001
+                self._log_ui_failure("data sets", err)
 
         self._submit(log)
 
@@ -277,10 +280,19 @@ class RunTracker:
         run's metrics at ``step``."""
 
         def log() -> None:
-            model, example = make_model()
-            mlflow_ui.log_pytorch_model(self.client, self.run_id, model, example, step=step)
+            try:  # the UI's Models column; model/final_state_dict.pt is logged either way
+                model, example = make_model()
+                mlflow_ui.log_pytorch_model(self.client, self.run_id, model, example, step=step)
+            except Exception as err:  # noqa: BLE001
+                self._log_ui_failure("model", err)
 
         self._submit(log)
+
+    def _log_ui_failure(self, what: str, err: Exception) -> None:
+        """On the tracker's thread: say why the UI lacks ``what`` (an artifact and a tag)."""
+        reason = f"{type(err).__name__}: {err}"
+        self.client.set_tag(self.run_id, f"fc.ui_{what.replace(' ', '_')}_failed", reason[:500])
+        self.client.log_text(self.run_id, reason + "\n", f"failure/ui_{what.replace(' ', '_')}.txt")
 
     def warm_up(self, *modules: str) -> None:
         """Import ``modules`` on the tracker's thread while it is idle."""

@@ -113,6 +113,9 @@ class ForecastServer(ServerTask):
         return metrics
 
     def log_inputs(self, tracker: Any) -> None:
+        if self.cfg.tracking.log_model:  # log_model's imports (torch.export needs dynamo: ~2 s), while clients train
+            tracker.warm_up("mlflow.pytorch", "torch._dynamo")
+        tracker.log_datasets(lambda: _site_datasets(self.cfg, self.data))  # the MLflow UI's Dataset column
         tracker.log_text(_sites_csv(self.data), "data/client_sites.csv")
         if self.data.left_out:  # VMs that do not cover the common window (fl_datasets.traces)
             tracker.log_text(self.data.left_out_note + "\n", "data/vms_left_out.txt")
@@ -123,6 +126,8 @@ class ForecastServer(ServerTask):
         tracker.log_figure(lambda: _mase_plot(history, self.baseline_metrics, run_name), "plots/mase_vs_round.png")
         self.model.load_state_dict(final.to_torch_state_dict())
         tracker.log_figure(lambda: _forecast_plot(self.model, self.data, self.spec), "plots/test_forecasts.png")
+        if self.cfg.tracking.log_model:  # an MLflow model (the UI's Models column): windows (N, W, C) -> (N, H, C)
+            tracker.log_pytorch_model(lambda: (self.model, self.data.sites[0].test[0][:2]), step=int(self.cfg.num_rounds))
         return {f"baseline_{name}_test_mase": self.baseline_metrics[f"baseline_{name}_test_mase"] for name in BASELINES}
 
 
@@ -131,6 +136,25 @@ def _forecaster(cfg: DictConfig, spec: ForecastSpec, seed: int | None = None):
         str(cfg.task.model), in_channels=len(spec.columns), horizon=spec.horizon, seed=seed,
         level_steps=spec.window if cfg.task.level_centred else None,
     )
+
+
+def _site_datasets(cfg: DictConfig, data: FederatedForecastData) -> list[tuple[Any, str]]:
+    """The sites' training and test windows as ``mlflow.data`` data sets (digest of the arrays)."""
+    import warnings
+
+    import mlflow.data
+
+    source = str(cfg.task.trace_dir) if cfg.task.trace_dir else None  # synthetic series: no file source
+    parts = [(f"{cfg.task.name}-sites-train", "train", f"train: {len(data.sites)} sites, {', '.join(data.columns)}"),
+             (f"{cfg.task.name}-sites-test", "test", "eval")]
+    datasets = []
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local folder
+        warnings.simplefilter("ignore", UserWarning)
+        for name, split, context in parts:
+            x = np.concatenate([getattr(site, split)[0] for site in data.sites])
+            y = np.concatenate([getattr(site, split)[1] for site in data.sites])
+            datasets.append((mlflow.data.from_numpy(x, targets=y, source=source, name=name), context))
+    return datasets
 
 
 def _sites_csv(data: FederatedForecastData) -> str:

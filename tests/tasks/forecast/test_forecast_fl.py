@@ -125,6 +125,10 @@ def test_federated_forecasting_logs_per_site_and_overall_metrics_every_round(tra
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
     assert run.data.tags["kind"] == "forecast" and run.data.tags["model"] == "tcn"
+    # what the MLflow UI lists: the sites' windows as data-set inputs, the forecaster as a logged model
+    contexts = {t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"train: 4 sites, cpu_usage_pct", "eval"}
+    assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["global-model"]
     history = lambda key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
     for metric in ("mae", "rmse", "smape", "mase"):
         assert [s for s, _ in history(f"test_{metric}")] == [0, 1, 2]
