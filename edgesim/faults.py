@@ -89,3 +89,17 @@ def _window(first_step: int, duration_s: float | None, scenario: Scenario) -> np
     else:
         last = first_step + math.ceil(duration_s / scenario.step_s - 1e-9)
     return np.arange(first_step, min(last, scenario.episode_steps))
+
+
+def rescale_faults(faults: list[dict], scale: float) -> list[dict]:
+    """Fault entries with their times multiplied by ``scale``: a shortened or
+    lengthened episode keeps its faults at the same relative times."""
+    rescaled = []
+    for fault in faults:
+        fault = dict(fault)
+        if fault.get("type") == "node_failure":
+            fault["at_step"] = int(fault["at_step"] * scale)
+        elif fault.get("type") == "cloud_outage":
+            fault["start_s"], fault["duration_s"] = fault["start_s"] * scale, fault["duration_s"] * scale
+        rescaled.append(fault)
+    return rescaled

@@ -31,6 +31,7 @@ import numpy as np
 
 from edgesim import EdgeCloudTwin, load_scenario
 from edgesim.baselines import ForecastMPC, ThresholdAutoscaler, oracle_fn, run_episode, seasonal_naive_fn
+from edgesim.faults import rescale_faults
 from edgesim.scenario import CONF_DIR, PROJECT_DIR
 
 # (metric key, column title, scale, decimals); paper 001 Tables 1-3 order.
@@ -69,22 +70,8 @@ def scenario_for(name: str, episode_s: float | None) -> tuple[Any, str]:
             note = f"note: trace directory {trace_dir} not found; using the synthetic workload instead"
             overrides["workload"] = {"source": "synthetic"}
     if episode_s is not None:  # keep the faults at the same relative times
-        overrides["faults"] = _rescale_faults(raw.get("faults") or [], episode_s / float(raw.get("episode_s", episode_s)))
+        overrides["faults"] = rescale_faults(raw.get("faults") or [], episode_s / float(raw.get("episode_s", episode_s)))
     return load_scenario(name, overrides), note
-
-
-def _rescale_faults(faults: list[dict], scale: float) -> list[dict]:
-    """Fault times multiplied by ``scale`` (a shortened or lengthened episode)."""
-    rescaled = []
-    for fault in faults:
-        fault = dict(fault)
-        if fault.get("type") == "node_failure":
-            fault["at_step"] = int(fault["at_step"] * scale)
-        elif fault.get("type") == "cloud_outage":
-            fault["start_s"] = fault["start_s"] * scale
-            fault["duration_s"] = fault["duration_s"] * scale
-        rescaled.append(fault)
-    return rescaled
 
 
 def forecaster(name: str, twin: EdgeCloudTwin) -> Callable:

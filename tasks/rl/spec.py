@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edgesim import Scenario
+from edgesim.faults import rescale_faults
 from edgesim.scenario import CONF_DIR, PROJECT_DIR
 
 PAPER_EPISODE_S = 21_600.0  # paper 001 §5.3: six simulated hours
@@ -186,7 +187,7 @@ def scenario_overrides(name: str, episode_s: float, faults: str, shield: bool,
         folder = folder if folder.is_absolute() else PROJECT_DIR / folder
         overrides["workload"] = {"trace_dir": str(folder)} if folder.is_dir() else {"source": "synthetic"}
     if faults == "default":
-        overrides["faults"] = _rescaled(raw.get("faults") or [], episode_s / float(raw.get("episode_s", episode_s)))
+        overrides["faults"] = rescale_faults(raw.get("faults") or [], episode_s / float(raw.get("episode_s", episode_s)))
     else:
         overrides["faults"] = fault_list(faults, episode_s, float(raw.get("step_s", 1.0)))
     if not shield:
@@ -211,18 +212,6 @@ def fault_list(name: str, episode_s: float, step_s: float) -> list[dict[str, Any
         else:
             out.append(dict(fault))
     return out
-
-
-def _rescaled(faults: list[dict], scale: float) -> list[dict]:
-    rescaled = []
-    for fault in faults:
-        fault = dict(fault)
-        if fault.get("type") == "node_failure":
-            fault["at_step"] = int(fault["at_step"] * scale)
-        elif fault.get("type") == "cloud_outage":
-            fault["start_s"], fault["duration_s"] = fault["start_s"] * scale, fault["duration_s"] * scale
-        rescaled.append(fault)
-    return rescaled
 
 
 @lru_cache(maxsize=16)

@@ -74,12 +74,13 @@ def test_bad_forecaster_shape_is_reported():
 
 
 def test_baseline_script_prints_the_table(capsys):
-    from scripts.twin_baselines import _rescale_faults, main
+    from edgesim.faults import rescale_faults
+    from scripts.twin_baselines import main
 
     main(["--scenario", "synthetic", "--episode-s", "300", "--seeds", "0", "1", "--forecaster", "oracle", "--no-mlflow"])
     out = capsys.readouterr().out
     assert "| Heuristic (HPA + FFD binpack) |" in out and "| Forecast-only MPC (oracle) |" in out
     assert "p95 (ms)" in out and "Fairness var." in out and " ± " in out
-    faults = _rescale_faults([{"type": "node_failure", "fraction": 0.1, "at_step": 1200},
+    faults = rescale_faults([{"type": "node_failure", "fraction": 0.1, "at_step": 1200},
                               {"type": "cloud_outage", "start_s": 1800, "duration_s": 1800}], 0.5)
     assert faults[0]["at_step"] == 600 and faults[1]["start_s"] == 900 and faults[1]["duration_s"] == 900
