@@ -121,6 +121,15 @@ class SiteData:
         Training slice in original units (NaN where masked): the MASE scale.
     train, val, test : tuple of numpy.ndarray
         ``(X, Y)`` windows, shapes (N, W, C) and (N, H, C), float32.
+    series : numpy.ndarray, shape (T, C)
+        The whole series in original units (NaN where masked): baselines that
+        look further back than one window (a week's seasonal-naive, ETS) read
+        the past of each origin from it.
+    origins : dict of str to numpy.ndarray
+        ``"val"`` / ``"test"``: the step index in ``series`` of each window's
+        last input step (its forecast origin), in window order.
+    train_slice : slice
+        The training steps of ``series``.
     """
 
     site: str
@@ -129,6 +138,9 @@ class SiteData:
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
+    series: np.ndarray
+    origins: dict[str, np.ndarray]
+    train_slice: slice
 
     def __len__(self) -> int:
         return len(self.train[0])
@@ -194,7 +206,7 @@ def build_forecast_data(spec: ForecastSpec) -> FederatedForecastData:
 
 
 def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[slice, slice, slice]) -> SiteData:
-    from fl_datasets.windows import make_windows
+    from fl_datasets.windows import make_windows, window_ends
 
     train, val, test = splits
     values, mask = traces.values[i], traces.mask[i]
@@ -208,6 +220,9 @@ def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[sl
         train=make_windows(z[train], mask[train], W, H, stride=k),
         val=make_windows(z[val], mask[val], W, H, stride=k),
         test=make_windows(z[test], mask[test], W, H),
+        series=values.astype(np.float64),
+        origins={"val": window_ends(mask[val], W, H)[::k] + val.start, "test": window_ends(mask[test], W, H) + test.start},
+        train_slice=train,
     )
 
 

@@ -139,7 +139,8 @@ def test_federated_forecasting_logs_per_site_and_overall_metrics_every_round(tra
     mase = history("test_mase")
     assert mase[-1][1] < mase[0][1]  # training helps
     assert final["test_mase"] == pytest.approx(mase[-1][1])
-    assert [s for s, _ in history("fed_eval_mase")] == [1, 2]  # clients score their validation tails
+    assert [s for s, _ in history("fed_val_mase")] == [1, 2]  # clients score their validation tails
+    assert [s for s, _ in history("fed_test_mase_h6")] == [1, 2]  # ... and test tails, per horizon step
     assert history("virtual_time_s")[-1][1] > 0
     artifacts = {a.path for d in ("report", "plots", "data") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"report/site_metrics.md", "plots/mase_vs_round.png", "plots/test_forecasts.png",
@@ -158,12 +159,13 @@ def test_forecaster_flops_match_torch_flop_counter():
 
     from tasks.forecast.models import build_forecaster, forecaster_costs
 
-    flops, params, _ = forecaster_costs("tcn", 1, 288, 12, False)
-    model = build_forecaster("tcn", 1, 12)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 288, 1))
-    assert flops == counter.get_total_flops()
-    assert params == sum(p.numel() for p in model.parameters())
+    for quantiles in ((), (0.1, 0.5, 0.9)):
+        flops, params, _ = forecaster_costs("tcn", 1, 288, 12, 1, quantiles)
+        model = build_forecaster("tcn", 1, 12, level_steps=1, quantiles=quantiles)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 288, 1))
+        assert flops == counter.get_total_flops()
+        assert params == sum(p.numel() for p in model.parameters())
 
 
 def test_compare_script_tables_hand_computed():
