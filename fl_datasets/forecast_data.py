@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .federated import CACHE_ENV
-from .synthetic import synthetic_workload
+from .synthetic import synthetic_invocations, synthetic_workload
 from .traces import Normaliser, TraceError, TraceSet, load_trace_dir, time_split
 
 
@@ -50,6 +50,10 @@ class ForecastSpec:
         :func:`fl_datasets.traces.load_trace_dir`).
     synthetic_profile, synthetic_steps : str, int
         The generator's load level and length (used when ``trace_dir`` is None).
+    synthetic_kind : {"vm", "functions"}
+        Which generator: VM CPU / memory at 300 s (paper 002's profiles) or
+        per-minute invocation counts of serverless function apps (Azure
+        Functions style, column ``invocations``).
     site_selection : {"busiest", "first"}
         Which ``num_clients`` sites of a larger trace set are used; "busiest"
         ranks by mean CPU over the training slice only (no peeking at the test),
@@ -71,6 +75,7 @@ class ForecastSpec:
     trace_dir: str | None = None
     synthetic_profile: str = "medium"
     synthetic_steps: int = 8640
+    synthetic_kind: str = "vm"
     site_selection: str = "busiest"
     train_fraction: float = 0.7
     val_fraction: float = 0.15
@@ -90,6 +95,7 @@ class ForecastSpec:
             trace_dir=str(task.trace_dir) if task.get("trace_dir") else None,
             synthetic_profile=str(task.synthetic.profile),
             synthetic_steps=int(task.synthetic.num_steps),
+            synthetic_kind=str(task.synthetic.kind),
             site_selection=str(task.site_selection),
             train_fraction=float(task.split.train),
             val_fraction=float(task.split.val),
@@ -247,9 +253,12 @@ def _select_sites(traces: TraceSet, spec: ForecastSpec, train: slice) -> list[in
 
 def _series(spec: ForecastSpec) -> TraceSet:
     if spec.trace_dir is None:
-        generated = synthetic_workload(
-            spec.num_clients, spec.synthetic_steps, profile=spec.synthetic_profile, seed=spec.seed
-        )
+        if spec.synthetic_kind == "functions":
+            generated = synthetic_invocations(spec.num_clients, spec.synthetic_steps, seed=spec.seed)
+        else:
+            generated = synthetic_workload(
+                spec.num_clients, spec.synthetic_steps, profile=spec.synthetic_profile, seed=spec.seed
+            )
         return _only_columns(generated, spec.columns)
     cached = _cache_path(spec)
     if cached is not None and cached.exists():

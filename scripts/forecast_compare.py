@@ -58,7 +58,7 @@ LOCAL_ARMS = ("local-only", "pooled")
 ARMS = (*FEDERATED_ARMS, *LOCAL_ARMS)
 LABELS = {"federated": "federated (FedAvg)", "federated-ft": "federated + fine-tuned", "fedper": "FedPer (personal heads)",
           "clustered": "clustered (2 clusters)", "local-only": "local-only", "pooled": "pooled (centralised)"}
-BASELINE_LABELS = {"last_value": "last value (persistence)", "seasonal_naive": "seasonal-naive, 1 day",
+BASELINE_LABELS = {"last_value": "last value (persistence)", "seasonal_naive": "seasonal-naive, 1 season",
                    "seasonal_naive_week": "seasonal-naive, 1 week", "moving_average": "moving average, 1 h",
                    "ets": "ETS (statsmodels, tuned on val)"}
 PERSISTENCE = BASELINE_LABELS["last_value"]
@@ -161,7 +161,8 @@ def baselines(cfg: DictConfig) -> tuple[dict[str, dict[str, Scores]], int]:
     levels = tuple(float(q) for q in cfg.task.quantiles) or (0.1, 0.5, 0.9)
     with console.status("baselines (ETS fits per site)"):
         scores = score_baselines(data, spec, "test", levels)
-    return {BASELINE_LABELS[name]: per_site for name, per_site in scores.items()}, data.step_s
+    labels = {**BASELINE_LABELS, "seasonal_naive": f"seasonal-naive, {horizon_label(spec.season, data.step_s)}"}
+    return {labels[name]: per_site for name, per_site in scores.items()}, data.step_s
 
 
 # ---------------------------------------------------------------- tables
@@ -192,9 +193,13 @@ def _cell(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
 
+def is_baseline(method: str) -> bool:
+    return method in BASELINE_LABELS.values() or method.startswith("seasonal-naive")
+
+
 def best_baseline(results: dict[str, list[Scores]], key: str) -> tuple[str, float]:
     """The baseline with the lowest ``key`` (e.g. ``mase_h12``)."""
-    candidates = {name: runs[0][key] for name, runs in results.items() if name in BASELINE_LABELS.values()}
+    candidates = {name: runs[0][key] for name, runs in results.items() if is_baseline(name)}
     name = min(candidates, key=candidates.get)
     return name, candidates[name]
 
@@ -243,7 +248,7 @@ def site_markdown(sites: dict[str, list[dict[str, Scores]]], key: str) -> str:
 def persistence_verdict(results: dict[str, list[Scores]], sites: dict[str, list[dict[str, Scores]]],
                         steps: list[int], step_s: int) -> str:
     """Plain sentences: where persistence still wins (mean over seeds)."""
-    trained = [m for m in results if m not in BASELINE_LABELS.values()]
+    trained = [m for m in results if not is_baseline(m)]
     lines = []
     for step in steps:
         key = f"mase_h{step}"
@@ -257,7 +262,7 @@ def persistence_verdict(results: dict[str, list[Scores]], sites: dict[str, list[
     last = f"mase_h{steps[-1]}"
     if PERSISTENCE in sites:
         lv_sites = sites[PERSISTENCE][0]
-        for method in (m for m in sites if m not in BASELINE_LABELS.values()):
+        for method in (m for m in sites if not is_baseline(m)):
             wins = [s for s in lv_sites if lv_sites[s][last] <= np.mean([r[s][last] for r in sites[method]])]
             if wins:
                 lines.append(f"* {method} at {horizon_label(steps[-1], step_s)}: persistence is as good or better on "
@@ -279,7 +284,7 @@ def skill_figure(results: dict[str, list[Scores]], horizon: int, step_s: int):
         if method == PERSISTENCE:
             continue
         skill = np.array([[1 - r[f"mase_h{h}"] / p for h, p in zip(steps, persistence)] for r in runs])
-        baseline = method in BASELINE_LABELS.values()
+        baseline = is_baseline(method)
         minutes = steps * step_s / 60
         ax.plot(minutes, skill.mean(axis=0), marker="" if baseline else "o", ls="--" if baseline else "-",
                 color=f"C{i % 10}", label=method, lw=1 if baseline else 1.6)

@@ -7,7 +7,8 @@ site's validation and test windows, in original units: MAE, RMSE, sMAPE and
 MASE per site and their mean over sites ("overall"), each also per horizon
 step (``test_mase_h12``), with the pinball loss and 80 % interval coverage of a
 quantile forecaster, next to the baselines on the very same windows
-(:data:`BASELINES`: last value, seasonal-naive over a day and a week, a one-hour
+(:data:`BASELINES`: last value, seasonal-naive over ``task.season`` (a day by
+default) and over a week, a one-hour
 moving average, the validation-tuned ETS of :mod:`tasks.forecast.classical`).
 
 What each site *deploys* (its cluster's model, or the shared trunk with its
@@ -39,7 +40,7 @@ METRICS = ("mae", "rmse", "smape", "mase")
 BASELINES = ("last_value", "seasonal_naive", "seasonal_naive_week", "moving_average", "ets")
 HEADLINE = ("test_mase", "test_mae", "test_rmse", "test_smape", "val_mase", "train_loss")
 SHOWN = ("test_mase", "test_mae", "test_smape", "train_loss", "clients_replied", "clients_failed", "round_wall_time_s")
-WEEK_SEASONS = 7  # the weekly seasonal-naive repeats task.season x 7 steps (a week for a daily season)
+WEEK_S = 7 * 86_400  # the weekly seasonal-naive's period
 
 
 def forecaster_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def baseline_forecasts_of(site: SiteData, spec: ForecastSpec, split: str, step_s
     """Every baseline's forecasts (N, H, C), original units, for one site's windows of ``split``."""
     from fl_datasets.naive_forecasts import forecasts_from_origins
 
-    seasons = {"seasonal_naive": spec.season, "seasonal_naive_week": WEEK_SEASONS * spec.season}
+    seasons = {"seasonal_naive": spec.season, "seasonal_naive_week": max(1, round(WEEK_S / step_s))}
     average = max(1, round(3600 / step_s))  # one hour
     out = forecasts_from_origins(site.series, site.origins[split], spec.horizon, seasons, average)
     if ets:

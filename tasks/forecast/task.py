@@ -49,6 +49,7 @@ SPEC_KEY = "forecast-spec"
 MODEL_KEY = "forecaster"
 PERSONAL_KEY = "forecast-personal-head"  # context.state: this site's own output layer
 SITE_SELECTIONS = ("busiest", "first")
+SYNTHETIC_KINDS = ("vm", "functions")
 
 
 class ForecastTask(Task):
@@ -85,6 +86,8 @@ class ForecastTask(Task):
                f"task.optimizer.batch_size={task.optimizer.batch_size} is invalid: use an integer >= 1")
         _check(task.site_selection in SITE_SELECTIONS,
                f"task.site_selection={task.site_selection} is unknown: use {' or '.join(SITE_SELECTIONS)}")
+        _check(task.synthetic.kind in SYNTHETIC_KINDS,
+               f"task.synthetic.kind={task.synthetic.kind} is unknown: use {' or '.join(SYNTHETIC_KINDS)}")
         trace_dir = task.get("trace_dir")
         if trace_dir is not None:
             _check(Path(trace_dir).is_dir(),
