@@ -142,6 +142,7 @@ class ForecastServer(ServerTask):
         self.personal = self.settings["personal_head"]
         if self.personal:  # the deployed models live on the clients
             self.headline = tuple(f"fed_{k}" for k in HEADLINE if k.startswith("test_")) + ("train_loss",)
+            self.shown = tuple(f"fed_{k}" if k.startswith("test_") else k for k in SHOWN)
         self.baselines = score_baselines(self.data, self.spec, "test", tuple(self.settings["quantiles"]))
         self.baseline_metrics: dict[str, float] = {}
         for name, per_site in self.baselines.items():
