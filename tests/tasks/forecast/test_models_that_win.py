@@ -202,3 +202,22 @@ def test_personal_heads_never_leave_the_client(tracking_uri):
                    for k in personal)
     # the sites scored what they deploy; the run reports that, per horizon too
     assert np.isfinite(final["fed_test_mase"]) and final["test_mase"] == final["fed_test_mase"]
+
+
+def test_cpu_and_memory_together_score_every_baseline_and_the_quantile_model():
+    # Prepare: both targets of the synthetic sites
+    from fl_datasets.forecast_data import build_forecast_data
+    from tasks.forecast.server import BASELINES, score_baselines, score_sites
+    from tests.tasks.forecast.test_forecast_fl import small_spec
+
+    spec = small_spec(columns=("cpu_usage_pct", "mem_usage_kb"), num_clients=2)
+    data = build_forecast_data(spec)
+    model = build_forecaster("tcn", 2, spec.horizon, seed=0, level_steps=1, quantiles=(0.1, 0.5, 0.9), zero_head=True)
+    # Execute
+    baselines = score_baselines(data, spec)
+    scores = score_sites(model, data, spec.season, "test")
+    # Assert: every baseline on every site; the zero-head model is persistence, up to float32 rounding
+    assert set(baselines) == set(BASELINES) and all(len(v) == 2 for v in baselines.values())
+    for site in data.site_ids():
+        assert scores[site]["mase_h6"] == pytest.approx(baselines["last_value"][site]["mase_h6"], rel=1e-5)
+        assert {"pinball", "coverage80"} <= set(baselines["last_value"][site])
