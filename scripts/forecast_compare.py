@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(base: DictConfig, overrides: list[str], seeds: list[int], arms: list[str], finetune_epochs: int) -> int:
+    import torch
+
+    # One intra-op thread, as each simulated client has: on a shared machine, several spinning
+    # OpenMP threads per process slow the in-process arms down many times over.
+    torch.set_num_threads(1)
     command = "python -m scripts.forecast_compare " + " ".join(
         [f"--seeds {','.join(map(str, seeds))}", f"--arms {','.join(arms)}", f"--finetune-epochs {finetune_epochs}",
          *overrides])
