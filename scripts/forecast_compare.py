@@ -279,19 +279,26 @@ def skill_figure(results: dict[str, list[Scores]], horizon: int, step_s: int):
 
     steps = np.arange(1, horizon + 1)
     persistence = np.array([results[PERSISTENCE][0][f"mase_h{h}"] for h in steps])
+    skills = {m: np.array([[1 - r[f"mase_h{h}"] / p for h, p in zip(steps, persistence)] for r in runs])
+              for m, runs in results.items() if m != PERSISTENCE}
+    # the y range of the trained methods (and the baselines near them): a far-off one is only named
+    near = [float(v.mean(axis=0).min()) for v in skills.values() if v.mean(axis=0).min() >= -0.6]
+    low = min([0.0, *near]) - 0.05
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (method, runs) in enumerate(results.items()):
-        if method == PERSISTENCE:
-            continue
-        skill = np.array([[1 - r[f"mase_h{h}"] / p for h, p in zip(steps, persistence)] for r in runs])
+    for i, (method, skill) in enumerate(skills.items()):
+        runs = results[method]
         baseline = is_baseline(method)
         minutes = steps * step_s / 60
+        off = skill.mean(axis=0).max() < low
         ax.plot(minutes, skill.mean(axis=0), marker="" if baseline else "o", ls="--" if baseline else "-",
-                color=f"C{i % 10}", label=method, lw=1 if baseline else 1.6)
+                color=f"C{i % 10}", label=method + (f" (below the chart, skill < {low:.2f})" if off else ""),
+                lw=1 if baseline else 1.6)
         if len(runs) > 1:
             sd = skill.std(axis=0, ddof=1)
             ax.fill_between(minutes, skill.mean(axis=0) - sd, skill.mean(axis=0) + sd, color=f"C{i % 10}", alpha=0.15)
     ax.axhline(0.0, color="black", lw=0.8)
+    top = max(0.05, max(float(v.mean(axis=0).max()) for v in skills.values()))
+    ax.set_ylim(low, top + 0.05)
     ax.set_xlabel("horizon (minutes ahead)")
     ax.set_ylabel("skill = 1 - MASE / MASE(last value)")
     ax.set_title("skill against persistence per horizon step (mean over sites; > 0 beats persistence)")
@@ -384,6 +391,7 @@ def run(base: DictConfig, overrides: list[str], seeds: list[int], arms: list[str
         text = _report_text(results, sites, steps, step_s, epochs, command, base)
         out = _write_reports(text, results, horizon, step_s)  # first: pyplot imported in this thread
         parent.log_text(text, "report/summary.md")
+        parent.log_text((out / "results.json").read_text(), "report/results.json")
         parent.log_figure(lambda: skill_figure(results, horizon, step_s), "report/skill_vs_horizon.png")
         parent.log_metrics({f"{_metric_name(m)}_mase_h{s}": float(np.mean([r[f'mase_h{s}'] for r in runs]))
                             for m, runs in results.items() for s in steps}, step=0)
@@ -421,9 +429,12 @@ def _report_text(results, sites, steps, step_s, epochs, command, base) -> str:
 
 
 def _write_reports(text: str, results, horizon: int, step_s: int) -> Path:
+    import json
+
     out = REPORTS / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1))  # every method's scores per seed
     fig = skill_figure(results, horizon, step_s)
     fig.savefig(out / "skill_vs_horizon.png", dpi=120)
     return out
