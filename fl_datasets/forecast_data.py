@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .federated import CACHE_ENV
-from .synthetic import synthetic_workload
+from .synthetic import synthetic_invocations, synthetic_workload
 from .traces import Normaliser, TraceError, TraceSet, load_trace_dir, time_split
 
 
@@ -50,6 +50,10 @@ class ForecastSpec:
         :func:`fl_datasets.traces.load_trace_dir`).
     synthetic_profile, synthetic_steps : str, int
         The generator's load level and length (used when ``trace_dir`` is None).
+    synthetic_kind : {"vm", "functions"}
+        Which generator: VM CPU / memory at 300 s (paper 002's profiles) or
+        per-minute invocation counts of serverless function apps (Azure
+        Functions style, column ``invocations``).
     site_selection : {"busiest", "first"}
         Which ``num_clients`` sites of a larger trace set are used; "busiest"
         ranks by mean CPU over the training slice only (no peeking at the test),
@@ -71,6 +75,7 @@ class ForecastSpec:
     trace_dir: str | None = None
     synthetic_profile: str = "medium"
     synthetic_steps: int = 8640
+    synthetic_kind: str = "vm"
     site_selection: str = "busiest"
     train_fraction: float = 0.7
     val_fraction: float = 0.15
@@ -90,6 +95,7 @@ class ForecastSpec:
             trace_dir=str(task.trace_dir) if task.get("trace_dir") else None,
             synthetic_profile=str(task.synthetic.profile),
             synthetic_steps=int(task.synthetic.num_steps),
+            synthetic_kind=str(task.synthetic.kind),
             site_selection=str(task.site_selection),
             train_fraction=float(task.split.train),
             val_fraction=float(task.split.val),
@@ -121,6 +127,15 @@ class SiteData:
         Training slice in original units (NaN where masked): the MASE scale.
     train, val, test : tuple of numpy.ndarray
         ``(X, Y)`` windows, shapes (N, W, C) and (N, H, C), float32.
+    series : numpy.ndarray, shape (T, C)
+        The whole series in original units (NaN where masked): baselines that
+        look further back than one window (a week's seasonal-naive, ETS) read
+        the past of each origin from it.
+    origins : dict of str to numpy.ndarray
+        ``"val"`` / ``"test"``: the step index in ``series`` of each window's
+        last input step (its forecast origin), in window order.
+    train_slice : slice
+        The training steps of ``series``.
     """
 
     site: str
@@ -129,6 +144,9 @@ class SiteData:
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
+    series: np.ndarray
+    origins: dict[str, np.ndarray]
+    train_slice: slice
 
     def __len__(self) -> int:
         return len(self.train[0])
@@ -194,7 +212,7 @@ def build_forecast_data(spec: ForecastSpec) -> FederatedForecastData:
 
 
 def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[slice, slice, slice]) -> SiteData:
-    from fl_datasets.windows import make_windows
+    from fl_datasets.windows import make_windows, window_ends
 
     train, val, test = splits
     values, mask = traces.values[i], traces.mask[i]
@@ -208,6 +226,9 @@ def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[sl
         train=make_windows(z[train], mask[train], W, H, stride=k),
         val=make_windows(z[val], mask[val], W, H, stride=k),
         test=make_windows(z[test], mask[test], W, H),
+        series=values.astype(np.float64),
+        origins={"val": window_ends(mask[val], W, H)[::k] + val.start, "test": window_ends(mask[test], W, H) + test.start},
+        train_slice=train,
     )
 
 
@@ -232,9 +253,12 @@ def _select_sites(traces: TraceSet, spec: ForecastSpec, train: slice) -> list[in
 
 def _series(spec: ForecastSpec) -> TraceSet:
     if spec.trace_dir is None:
-        generated = synthetic_workload(
-            spec.num_clients, spec.synthetic_steps, profile=spec.synthetic_profile, seed=spec.seed
-        )
+        if spec.synthetic_kind == "functions":
+            generated = synthetic_invocations(spec.num_clients, spec.synthetic_steps, seed=spec.seed)
+        else:
+            generated = synthetic_workload(
+                spec.num_clients, spec.synthetic_steps, profile=spec.synthetic_profile, seed=spec.seed
+            )
         return _only_columns(generated, spec.columns)
     cached = _cache_path(spec)
     if cached is not None and cached.exists():

@@ -1,5 +1,5 @@
-"""Naive forecasts (seasonal-naive, last value): the baselines every forecaster
-is judged against, and the twin's default forecaster (numpy only)."""
+"""Naive forecasts (seasonal-naive, last value, moving average): the baselines
+every forecaster is judged against, and the twin's default forecaster (numpy only)."""
 
 from __future__ import annotations
 
@@ -90,3 +90,56 @@ def baseline_forecasts(X: np.ndarray, horizon: int, season: int) -> dict[str, np
     }
 
 
+
+
+def forecasts_from_origins(
+    series: np.ndarray, origins: np.ndarray, horizon: int, seasons: dict[str, int], average_steps: int
+) -> dict[str, np.ndarray]:
+    """Naive forecasts from the whole past of each origin (not only its window).
+
+    For origin ``t`` (an index into ``series``) and steps h = 1..H:
+
+    * ``last_value``: ``y[t]``;
+    * each ``seasons`` entry ``name -> m``: seasonal-naive
+      ``y[t + h - m * ceil(h/m)]`` (e.g. ``seasonal_naive_week`` with m = 2016
+      at 300 s, longer than any input window);
+    * ``moving_average``: the mean of ``y[t-k+1 .. t]``, k = ``average_steps``
+      (masked steps skipped).
+
+    A seasonal value that lies before the series or on a masked (NaN) step is
+    replaced by the last value, so every forecast is defined.
+
+    Parameters
+    ----------
+    series : numpy.ndarray, shape (T, C)
+        Original units, NaN where masked; ``y[t]`` is valid at every origin.
+    origins : numpy.ndarray of int, shape (N,)
+    horizon : int
+    seasons : dict of str to int
+        Name and period (steps) of each seasonal-naive forecast.
+    average_steps : int
+        Steps in the moving average.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray, each (N, H, C)
+    """
+    series = np.asarray(series, dtype=np.float64)
+    origins = np.asarray(origins, dtype=np.int64)
+    if horizon < 1 or average_steps < 1 or any(m < 1 for m in seasons.values()):
+        raise ValueError(f"need horizon, average_steps and seasons >= 1; got {horizon}, {average_steps}, {seasons}")
+    last = np.repeat(series[origins][:, None, :], horizon, axis=1)
+    out = {"last_value": last}
+    h = np.arange(1, horizon + 1)
+    for name, m in seasons.items():
+        idx = origins[:, None] + h[None, :] - m * np.ceil(h / m).astype(np.int64)[None, :]
+        values = series[np.clip(idx, 0, None)]
+        values[idx < 0] = np.nan
+        out[name] = np.where(np.isnan(values), last, values)
+    steps = origins[:, None] - np.arange(average_steps)[None, :]
+    past = series[np.clip(steps, 0, None)]
+    past[steps < 0] = np.nan
+    with np.errstate(all="ignore"):  # an all-NaN past cannot happen: y[t] is valid
+        mean = np.nanmean(past, axis=1)
+    out["moving_average"] = np.repeat(mean[:, None, :], horizon, axis=1)
+    return out

@@ -161,3 +161,70 @@ def _trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
     shifted[..., window:] = csum[..., :-window]
     counts = np.minimum(np.arange(1, x.shape[-1] + 1), window)
     return (csum - shifted) / counts
+
+
+# ------------------------------------------------- serverless invocations
+# Per-minute invocation counts of serverless function apps, in the style of
+# the Azure Functions traces (Shahrad et al., "Serverless in the Wild",
+# USENIX ATC 2020): popularity spread over orders of magnitude, and three
+# kinds of trigger that each app mixes: HTTP (diurnal and weekly cycle,
+# Poisson), timer (fires every k minutes) and event/queue (on-off bursts).
+# Every number below is OUR choice, not taken from the paper or the trace.
+FUNCTIONS_STEP_S = 60
+FUNCTIONS_COLUMN = "invocations"
+APP_RATE_MEDIAN = 20.0   # invocations per minute of the median app
+APP_RATE_SIGMA = 1.2     # log-normal spread of app popularity
+TIMER_PERIODS_MIN = (5, 10, 15, 30, 60)
+WEEKEND_FACTOR = 0.6     # HTTP traffic on Saturdays and Sundays
+EVENT_ON_MEAN_MIN = 20   # mean length of an event burst
+EVENT_OFF_MEAN_MIN = 240  # mean quiet time between bursts
+
+
+def synthetic_invocations(num_sites: int, num_steps: int, seed: int = 0) -> TraceSet:
+    """Per-minute invocation counts of ``num_sites`` function apps.
+
+    Each app's rate is its popularity times a random mix (Dirichlet weights)
+    of an HTTP component (a 24 h sine with a per-app phase, damped on
+    weekends), a timer component (a burst of calls every k minutes, k per
+    app) and an event component (on-off bursts, geometric lengths); counts
+    are Poisson of that rate. Deterministic per seed.
+
+    Returns
+    -------
+    TraceSet
+        Column ``("invocations",)``, float32 counts per 60 s step, no gaps.
+    """
+    if num_sites < 1 or num_steps < 1:
+        raise ValueError(f"need num_sites, num_steps >= 1; got {num_sites}, {num_steps}")
+    rng = np.random.default_rng(seed)
+    minute = np.arange(num_steps)
+    popularity = APP_RATE_MEDIAN * rng.lognormal(0.0, APP_RATE_SIGMA, size=(num_sites, 1))
+    weights = rng.dirichlet([1.0, 1.0, 1.0], size=num_sites)  # http, timer, event
+    day = 2 * np.pi * minute * FUNCTIONS_STEP_S / DAY_S
+    phase = rng.uniform(0, 2 * np.pi, size=(num_sites, 1))
+    weekend = np.where((minute * FUNCTIONS_STEP_S // DAY_S) % 7 >= 5, WEEKEND_FACTOR, 1.0)
+    http = (1.0 + 0.8 * np.sin(day + phase)) * weekend
+    periods = rng.choice(TIMER_PERIODS_MIN, size=(num_sites, 1))
+    offsets = rng.integers(0, periods)
+    timer = np.where((minute + offsets) % periods == 0, periods, 0.0)  # mean 1 per minute
+    event = _on_off(rng, num_sites, num_steps) * (EVENT_OFF_MEAN_MIN + EVENT_ON_MEAN_MIN) / EVENT_ON_MEAN_MIN
+    rate = popularity * (weights[:, :1] * http + weights[:, 1:2] * timer + weights[:, 2:] * event)
+    counts = rng.poisson(rate).astype(np.float32)
+    sites = tuple(f"app{i}" for i in range(num_sites))
+    return TraceSet(
+        sites=sites, values=counts[..., None], mask=np.ones((num_sites, num_steps), dtype=bool),
+        timestamps=minute.astype(np.int64) * FUNCTIONS_STEP_S, gaps={s: GapReport(0, 0, 0, 0) for s in sites},
+        columns=(FUNCTIONS_COLUMN,), step_s=FUNCTIONS_STEP_S,
+    )
+
+
+def _on_off(rng: np.random.Generator, sites: int, steps: int) -> np.ndarray:
+    """0/1 per site and minute: alternating geometric off and on periods."""
+    out = np.zeros((sites, steps))
+    for s in range(sites):
+        t = int(rng.geometric(1 / EVENT_OFF_MEAN_MIN))
+        while t < steps:
+            length = int(rng.geometric(1 / EVENT_ON_MEAN_MIN))
+            out[s, t : t + length] = 1.0
+            t += length + int(rng.geometric(1 / EVENT_OFF_MEAN_MIN))
+    return out

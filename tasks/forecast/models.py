@@ -13,8 +13,13 @@ at once (direct multi-horizon forecasting, no autoregressive feedback).
   (DYNAMIC-ALLOCATOR), §3.1: "A two-layer LSTM network with 64 hidden units in
   each layer". The paper gives no head, window or horizon; the linear head on
   the last hidden state is our choice.
-* :class:`LevelCentred` wraps either one to forecast relative to the
-  window's recent mean level, which keeps it robust to level shifts.
+* :class:`LevelCentred` wraps either one to forecast relative to an anchor:
+  the window's mean level (robust to level shifts) or its last value
+  (``level_steps=1``: the residual on top of persistence, so that a network
+  whose output is 0 *is* the last-value forecast).
+* :class:`Quantiles` makes either one probabilistic: the network emits
+  ``len(levels)`` quantiles per step and column (trained on the pinball
+  loss); ``forward`` returns the median, the point forecast.
 """
 
 from __future__ import annotations
@@ -246,12 +251,64 @@ class LSTMForecaster(nn.Module):
         return self.head(h_n[-1]).view(-1, self.horizon, self.in_channels)
 
 
+class Quantiles(nn.Module):
+    """Quantile forecasts from a point forecaster with ``Q`` times the horizon.
+
+    ``inner`` maps (batch, W, C) to (batch, Q * H, C); the Q blocks of H steps
+    are read as the quantiles at ``levels`` and sorted along the quantile axis,
+    so the quantiles never cross (sorting is a permutation: the pinball
+    gradients reach every output). :meth:`forward` returns the median, the
+    forecast that minimises the absolute error the MAE and MASE measure.
+
+    Parameters
+    ----------
+    inner : torch.nn.Module
+        Built with ``horizon = len(levels) * H``.
+    horizon : int
+        Steps H.
+    levels : tuple of float
+        Increasing quantile levels in (0, 1), 0.5 among them.
+    """
+
+    def __init__(self, inner: nn.Module, horizon: int, levels: tuple[float, ...]) -> None:
+        super().__init__()
+        check_quantile_levels(levels)
+        self.inner, self.horizon, self.quantile_levels = inner, horizon, tuple(float(q) for q in levels)
+        self.median = self.quantile_levels.index(0.5)
+
+    @property
+    def receptive_field(self) -> int | None:
+        return getattr(self.inner, "receptive_field", None)
+
+    def forward_quantiles(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, W, C) -> (batch, H, C, Q), increasing along the last axis."""
+        out = self.inner(x)
+        q = out.view(out.shape[0], len(self.quantile_levels), self.horizon, out.shape[-1]).permute(0, 2, 3, 1)
+        return torch.sort(q, dim=-1).values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The median forecast, (batch, H, C)."""
+        return self.forward_quantiles(x)[..., self.median]
+
+
+def check_quantile_levels(levels) -> None:
+    """Raise a ValueError unless ``levels`` increase strictly inside (0, 1) and hold 0.5."""
+    levels = [float(q) for q in levels]
+    if not (levels and all(0 < q < 1 for q in levels) and all(a < b for a, b in zip(levels, levels[1:]))
+            and 0.5 in levels):
+        raise ValueError(f"quantile levels {levels}: need strictly increasing levels in (0, 1) including 0.5 "
+                         "(the median is the point forecast), e.g. [0.1, 0.5, 0.9]")
+
+
 class LevelCentred(nn.Module):
     """Forecast relative to each window's recent level, then add the level back.
 
     The wrapped network sees ``x - level`` and its forecast is shifted by
     ``+ level``, where ``level`` is the per-channel mean of the window's last
-    ``level_steps`` steps. The network thus models the shape of the series
+    ``level_steps`` steps. With ``level_steps=1`` the level is the last value
+    and the network forecasts the residual on top of persistence: a network
+    whose output is 0 gives exactly the last-value forecast. The network thus
+    models the shape of the series
     around its current level, and a level shift after training does not push
     its inputs off the training distribution: in the last six days of GWA-T-12
     2013-8, VM 392's daily mean CPU falls from about 52 % to 24-37 % and
@@ -278,10 +335,22 @@ class LevelCentred(nn.Module):
         """The inner network's receptive field, if it has one (TCN)."""
         return getattr(self.inner, "receptive_field", None)
 
+    @property
+    def quantile_levels(self) -> tuple[float, ...]:
+        return getattr(self.inner, "quantile_levels", ())
+
+    def _level(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, -self.level_steps :].mean(dim=1, keepdim=True)  # (batch, 1, C)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forecast ``x`` of shape (batch, W, C) as (batch, H, C)."""
-        level = x[:, -self.level_steps :].mean(dim=1, keepdim=True)  # (batch, 1, C)
+        level = self._level(x)
         return self.inner(x - level) + level
+
+    def forward_quantiles(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantile forecasts (batch, H, C, Q) of a :class:`Quantiles` inner network."""
+        level = self._level(x)
+        return self.inner.forward_quantiles(x - level) + level.unsqueeze(-1)
 
 
 def _check_sizes(**sizes: int) -> None:
@@ -292,6 +361,22 @@ def _check_sizes(**sizes: int) -> None:
 
 
 FORECASTERS: dict[str, type[nn.Module]] = {"tcn": TCN, "lstm": LSTMForecaster}
+# task.anchor -> LevelCentred's level_steps (None: no wrapper); "window_mean" needs the window W.
+ANCHORS = ("last_value", "window_mean", "none")
+
+
+def anchor_level_steps(anchor: str, window: int) -> int | None:
+    """``level_steps`` of an anchor: 1 (residual on persistence), W (window mean) or None."""
+    if anchor not in ANCHORS:
+        raise ValueError(f"task.anchor={anchor} is unknown: choose one of {', '.join(ANCHORS)}")
+    return {"last_value": 1, "window_mean": window, "none": None}[anchor]
+
+
+def is_head_key(key: str) -> bool:
+    """Whether a forecaster's state-dict entry belongs to its output layer (the
+    personal head of FedPer-style personalisation): ``head.weight``, ``inner.head.bias``..."""
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2] == "head"
 
 
 def build_forecaster(
@@ -300,6 +385,8 @@ def build_forecaster(
     horizon: int,
     seed: int | None = None,
     level_steps: int | None = None,
+    quantiles: tuple[float, ...] = (),
+    zero_head: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Instantiate a forecaster by config name.
@@ -317,7 +404,15 @@ def build_forecaster(
         weights; None leaves the RNG as it is.
     level_steps : int, optional
         If given, wrap the network in :class:`LevelCentred` with this many
-        trailing steps forming the level; None returns the bare network.
+        trailing steps forming the level (1: residual on the last value);
+        None returns the bare network.
+    quantiles : tuple of float, optional
+        Quantile levels (with 0.5): wrap the network in :class:`Quantiles`;
+        empty gives a point forecaster.
+    zero_head : bool, default False
+        Zero the output layer, so the untrained model forecasts the anchor
+        exactly (with ``level_steps=1``: persistence) and training starts
+        from the last-value forecast rather than from noise around it.
     **kwargs
         Further constructor arguments of the chosen class (e.g. ``channels``,
         ``levels`` for the TCN; ``hidden`` for the LSTM).
@@ -336,15 +431,30 @@ def build_forecaster(
         raise ValueError(f"unknown forecaster {name!r}: choose one of {', '.join(map(repr, FORECASTERS))}")
     if seed is not None:
         torch.manual_seed(seed)
-    model = FORECASTERS[name](in_channels=in_channels, horizon=horizon, **kwargs)
+    quantiles = tuple(quantiles)
+    model = FORECASTERS[name](in_channels=in_channels, horizon=horizon * max(1, len(quantiles)), **kwargs)
+    if zero_head:
+        nn.init.zeros_(model.head.weight)
+        nn.init.zeros_(model.head.bias)
+    if quantiles:
+        model = Quantiles(model, horizon, quantiles)
     return model if level_steps is None else LevelCentred(model, level_steps)
 
 
 @lru_cache(maxsize=8)
 def forecaster_costs(
-    name: str, in_channels: int, window: int, horizon: int, level_centred: bool
+    name: str, in_channels: int, window: int, horizon: int, level_steps: int | None = None,
+    quantiles: tuple[float, ...] = (),
 ) -> tuple[float, int, int]:
     """(forward FLOPs per window, parameter count, activation floats per window)
-    of a workload forecaster; see :func:`fl_common.costs.module_costs`."""
-    model = build_forecaster(name, in_channels, horizon, level_steps=window if level_centred else None)
+    of a workload forecaster (``quantiles``: its quantile levels, () for a
+    point forecaster); see :func:`fl_common.costs.module_costs`."""
+    model = build_forecaster(name, in_channels, horizon, level_steps=level_steps, quantiles=quantiles)
     return module_costs(model, torch.zeros(1, window, in_channels))
+
+
+def forecaster_from_settings(settings: dict, in_channels: int, horizon: int, seed: int | None = None) -> nn.Module:
+    """The forecaster a run's settings describe (``tasks.forecast.server.forecaster_settings``)."""
+    return build_forecaster(settings["model"], in_channels=in_channels, horizon=horizon, seed=seed,
+                            level_steps=settings["level_steps"], quantiles=tuple(settings["quantiles"]),
+                            zero_head=bool(settings["zero_head"]))

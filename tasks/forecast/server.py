@@ -4,8 +4,19 @@ Each edge site is one client training the global TCN / LSTM on its own
 series; the configured strategy (FedAvg, FedAvgM, staleness-aware clustered…)
 aggregates. After every round the server scores the global model on every
 site's validation and test windows, in original units: MAE, RMSE, sMAPE and
-MASE per site and their mean over sites ("overall"), next to the seasonal-naive
-(one season) and last-value baselines on the very same windows.
+MASE per site and their mean over sites ("overall"), each also per horizon
+step (``test_mase_h12``), with the pinball loss and 80 % interval coverage of a
+quantile forecaster, next to the baselines on the very same windows
+(:data:`BASELINES`: last value, seasonal-naive over ``task.season`` (a day by
+default) and over a week, a one-hour
+moving average, the validation-tuned ETS of :mod:`tasks.forecast.classical`).
+
+What each site *deploys* (its cluster's model, or the shared trunk with its
+personal head) is scored by the clients themselves on their own validation
+and test tails (federated evaluation, ``clients.fraction_evaluate``), logged
+as ``fed_test_*``: the mean over sites, each site weighing one. A run with
+personal heads (``task.personal_head``) has no meaningful global model, so
+the server scores only the baselines and reports the clients' scores.
 """
 
 from __future__ import annotations
@@ -17,24 +28,31 @@ import numpy as np
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig
 
-from fl_datasets.forecast_data import FederatedForecastData, ForecastSpec, build_forecast_data
+from fl_datasets.forecast_data import FederatedForecastData, ForecastSpec, SiteData, build_forecast_data
 from tasks.base import ServerTask
-from tasks.forecast.models import build_forecaster, forecaster_costs
-from tasks.forecast.training import evaluate_baselines, evaluate_forecaster, predict
+from tasks.forecast.models import anchor_level_steps, forecaster_costs, forecaster_from_settings
+from tasks.forecast.training import evaluate_forecaster, forecast_metrics, predict
 
 SPEC_KEY = "forecast-spec"   # ConfigRecord: the ForecastSpec JSON
 MODEL_KEY = "forecaster"     # ConfigRecord: model and optimiser settings (JSON)
 METRICS = ("mae", "rmse", "smape", "mase")
-BASELINES = ("seasonal_naive", "last_value")
+# Every baseline, scored on the model's own test windows; "seasonal_naive" is the one-season (daily) one.
+BASELINES = ("last_value", "seasonal_naive", "seasonal_naive_week", "moving_average", "ets")
 HEADLINE = ("test_mase", "test_mae", "test_rmse", "test_smape", "val_mase", "train_loss")
 SHOWN = ("test_mase", "test_mae", "test_smape", "train_loss", "clients_replied", "clients_failed", "round_wall_time_s")
+WEEK_S = 7 * 86_400  # the weekly seasonal-naive's period
 
 
 def forecaster_settings(cfg: DictConfig) -> dict[str, Any]:
     task = cfg.task
     return {
         "model": str(task.model),
-        "level_centred": bool(task.level_centred),
+        "level_steps": anchor_level_steps(str(task.anchor), int(task.window)),
+        "quantiles": [float(q) for q in task.quantiles],
+        "zero_head": bool(task.zero_head),
+        "personal_head": bool(task.personal_head),
+        "finetune_epochs": int(task.finetune_epochs),
+        "num_rounds": int(cfg.num_rounds),
         "local_epochs": int(cfg.train.local_epochs),
         "lr": float(task.optimizer.lr),
         "batch_size": int(task.optimizer.batch_size),
@@ -51,22 +69,58 @@ def score_sites(model, data: FederatedForecastData, season: int, split: str) -> 
     }
 
 
-def score_baselines(data: FederatedForecastData, season: int, split: str) -> dict[str, dict[str, dict[str, float]]]:
-    """``{baseline: {site: metrics}}`` on the same windows as the model."""
-    per_site = {
-        site.site: evaluate_baselines(*getattr(site, split), site.y_train, season, site.normaliser)
-        for site in data.sites
-    }
-    return {b: {s: scores[b] for s, scores in per_site.items()} for b in BASELINES}
+def baseline_forecasts_of(site: SiteData, spec: ForecastSpec, split: str, step_s: int,
+                          ets: bool = True) -> dict[str, np.ndarray]:
+    """Every baseline's forecasts (N, H, C), original units, for one site's windows of ``split``."""
+    from fl_datasets.naive_forecasts import forecasts_from_origins
+
+    seasons = {"seasonal_naive": spec.season, "seasonal_naive_week": max(1, round(WEEK_S / step_s))}
+    average = max(1, round(3600 / step_s))  # one hour
+    out = forecasts_from_origins(site.series, site.origins[split], spec.horizon, seasons, average)
+    if ets:
+        from tasks.forecast.classical import tuned_ets_forecasts
+
+        val_truth = site.normaliser.inverse_transform(site.val[1])
+        out["ets"], _ = tuned_ets_forecasts(site.series, site.train_slice, site.origins["val"], val_truth,
+                                            site.origins[split], spec.horizon, spec.season)
+    return out
+
+
+def persistence_quantiles(site: SiteData, levels: tuple[float, ...], horizon: int) -> np.ndarray:
+    """Empirical quantiles (H, C, Q) of the h-step change ``y[t+h] - y[t]`` over
+    the training slice: added to the last value they make persistence a
+    probabilistic forecast, the pinball baseline."""
+    y = site.y_train
+    return np.stack([np.nanquantile(y[h:] - y[:-h], levels, axis=0).T for h in range(1, horizon + 1)])
+
+
+def score_baselines(data: FederatedForecastData, spec: ForecastSpec, split: str = "test",
+                    levels: tuple[float, ...] = (0.1, 0.5, 0.9), ets: bool = True,
+                    ) -> dict[str, dict[str, dict[str, float]]]:
+    """``{baseline: {site: metrics}}`` on the same windows as the model; the
+    last value also as a quantile forecast (pinball, coverage)."""
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for site in data.sites:
+        truth = site.normaliser.inverse_transform(getattr(site, split)[1])
+        for name, pred in baseline_forecasts_of(site, spec, split, data.step_s, ets).items():
+            quantiles = None
+            if name == "last_value" and len(levels) >= 2:
+                quantiles = pred[..., None] + persistence_quantiles(site, levels, spec.horizon)[None]
+            scores.setdefault(name, {})[site.site] = forecast_metrics(truth, pred, site.y_train, spec.season,
+                                                                      quantiles, levels)
+    return scores
 
 
 def flat_metrics(per_site: dict[str, dict[str, float]], prefix: str, per_site_keys: bool = True) -> dict[str, float]:
-    """Overall (mean over sites) as ``<prefix>_<metric>``, and per site as
-    ``site<id>_<prefix>_<metric>``."""
-    out = {f"{prefix}_{m}": float(np.mean([s[m] for s in per_site.values()])) for m in METRICS}
+    """Overall (mean over sites) as ``<prefix>_<metric>`` for every metric the
+    sites have (per horizon step included), and per site the four overall
+    ones and the last step's MASE as ``site<id>_<prefix>_<metric>``."""
+    first = next(iter(per_site.values()))
+    out = {f"{prefix}_{m}": float(np.mean([s[m] for s in per_site.values()])) for m in first}
     if per_site_keys:
+        last_step = max((k for k in first if k.startswith("mase_h")), key=lambda k: int(k[6:]), default=None)
         for site, scores in per_site.items():
-            out.update({f"site{site}_{prefix}_{m}": float(v) for m, v in scores.items()})
+            out.update({f"site{site}_{prefix}_{m}": float(scores[m]) for m in (*METRICS, last_step) if m})
     return out
 
 
@@ -84,7 +138,12 @@ class ForecastServer(ServerTask):
         self.num_clients = self.spec.num_clients
         self.model_name = str(cfg.task.model)
         self.client_sizes = [len(site) for site in self.data.sites]
-        self.baselines = {b: score_baselines(self.data, self.spec.season, "test")[b] for b in BASELINES}
+        self.settings = forecaster_settings(cfg)
+        self.personal = self.settings["personal_head"]
+        if self.personal:  # the deployed models live on the clients
+            self.headline = tuple(f"fed_{k}" for k in HEADLINE if k.startswith("test_")) + ("train_loss",)
+            self.shown = tuple(f"fed_{k}" if k.startswith("test_") else k for k in SHOWN)
+        self.baselines = score_baselines(self.data, self.spec, "test", tuple(self.settings["quantiles"]))
         self.baseline_metrics: dict[str, float] = {}
         for name, per_site in self.baselines.items():
             self.baseline_metrics.update(flat_metrics(per_site, f"baseline_{name}_test"))
@@ -94,20 +153,22 @@ class ForecastServer(ServerTask):
         return ArrayRecord(self.model.state_dict())
 
     def train_config(self) -> dict[str, Any]:
-        return {SPEC_KEY: self.spec.to_json(), MODEL_KEY: json.dumps(forecaster_settings(self.cfg))}
+        return {SPEC_KEY: self.spec.to_json(), MODEL_KEY: json.dumps(self.settings)}
 
     def model_costs(self):
-        return forecaster_costs(str(self.cfg.task.model), len(self.spec.columns), self.spec.window,
-                                self.spec.horizon, bool(self.cfg.task.level_centred))
+        return forecaster_costs(self.settings["model"], len(self.spec.columns), self.spec.window,
+                                self.spec.horizon, self.settings["level_steps"], tuple(self.settings["quantiles"]))
 
     def batch_size(self) -> int:
         return int(self.cfg.task.optimizer.batch_size)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        self.model.load_state_dict(arrays.to_torch_state_dict())
-        season = self.spec.season
-        metrics = flat_metrics(score_sites(self.model, self.data, season, "test"), "test")
-        metrics.update(flat_metrics(score_sites(self.model, self.data, season, "val"), "val", per_site_keys=False))
+        metrics: dict[str, float] = {}
+        if not self.personal:  # with personal heads the global model is only a shared trunk
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            season = self.spec.season
+            metrics = flat_metrics(score_sites(self.model, self.data, season, "test"), "test")
+            metrics.update(flat_metrics(score_sites(self.model, self.data, season, "val"), "val", per_site_keys=False))
         if server_round in (0, int(self.cfg.num_rounds)):  # flat lines in the UI's charts
             metrics.update(self.baseline_metrics)
         return metrics
@@ -122,20 +183,23 @@ class ForecastServer(ServerTask):
             tracker.log_metrics({"data_vms_left_out": float(len(self.data.left_out))}, step=0)
 
     def report(self, tracker: Any, history: list[dict[str, Any]], final: ArrayRecord, run_name: str) -> dict[str, float]:
-        tracker.log_text(_site_table(history[-1], self.data, self.baselines), "report/site_metrics.md")
+        extra = {f"baseline_{name}_test_mase": self.baseline_metrics[f"baseline_{name}_test_mase"] for name in BASELINES}
+        extra[f"baseline_last_value_test_mase_h{self.spec.horizon}"] = \
+            self.baseline_metrics[f"baseline_last_value_test_mase_h{self.spec.horizon}"]
         tracker.log_figure(lambda: _mase_plot(history, self.baseline_metrics, run_name), "plots/mase_vs_round.png")
+        if self.personal:  # what the sites deploy, as they scored it
+            return {**extra, **{k.removeprefix("fed_"): v for k, v in history[-1].items()
+                                if k.startswith("fed_test_") and k.count("_") == 2}}
+        tracker.log_text(_site_table(history[-1], self.data, self.baselines), "report/site_metrics.md")
         self.model.load_state_dict(final.to_torch_state_dict())
         tracker.log_figure(lambda: _forecast_plot(self.model, self.data, self.spec), "plots/test_forecasts.png")
         if self.cfg.tracking.log_model:  # an MLflow model (the UI's Models column): windows (N, W, C) -> (N, H, C)
             tracker.log_pytorch_model(lambda: (self.model, self.data.sites[0].test[0][:2]), step=int(self.cfg.num_rounds))
-        return {f"baseline_{name}_test_mase": self.baseline_metrics[f"baseline_{name}_test_mase"] for name in BASELINES}
+        return extra
 
 
 def _forecaster(cfg: DictConfig, spec: ForecastSpec, seed: int | None = None):
-    return build_forecaster(
-        str(cfg.task.model), in_channels=len(spec.columns), horizon=spec.horizon, seed=seed,
-        level_steps=spec.window if cfg.task.level_centred else None,
-    )
+    return forecaster_from_settings(forecaster_settings(cfg), len(spec.columns), spec.horizon, seed=seed)
 
 
 def _site_datasets(cfg: DictConfig, data: FederatedForecastData) -> list[tuple[Any, str]]:
@@ -163,20 +227,20 @@ def _sites_csv(data: FederatedForecastData) -> str:
 
 
 def _site_table(last: dict[str, Any], data: FederatedForecastData, baselines) -> str:
-    """Markdown: final per-site test metrics of the model and both baselines."""
+    """Markdown: final per-site test metrics of the model, and every baseline's MASE."""
     lines = [
-        "| site | model MAE | model RMSE | model sMAPE % | model MASE | s-naive MASE | last-value MASE |",
-        "|---|---|---|---|---|---|---|",
+        "| site | model MAE | model RMSE | model sMAPE % | model MASE | "
+        + " | ".join(f"{b.replace('_', '-')} MASE" for b in BASELINES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(BASELINES),
     ]
     for s in data.site_ids():
         lines.append(
             f"| {s} | " + " | ".join(f"{last[f'site{s}_test_{m}']:.3f}" for m in METRICS)
-            + f" | {baselines['seasonal_naive'][s]['mase']:.3f} | {baselines['last_value'][s]['mase']:.3f} |"
+            + " | " + " | ".join(f"{baselines[b][s]['mase']:.3f}" for b in BASELINES) + " |"
         )
     lines.append(
         "| **overall (mean)** | " + " | ".join(f"{last[f'test_{m}']:.3f}" for m in METRICS)
-        + f" | {np.mean([v['mase'] for v in baselines['seasonal_naive'].values()]):.3f}"
-        + f" | {np.mean([v['mase'] for v in baselines['last_value'].values()]):.3f} |"
+        + " | " + " | ".join(f"{np.mean([v['mase'] for v in baselines[b].values()]):.3f}" for b in BASELINES) + " |"
     )
     return "\n".join(lines) + "\n"
 
@@ -189,9 +253,10 @@ def _mase_plot(history: list[dict[str, Any]], baseline_metrics: dict[str, float]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [row["round"] for row in history]
-    ax.plot(rounds, [row.get("test_mase", np.nan) for row in history], marker="o", label="federated model (test)")
-    ax.plot(rounds, [row.get("val_mase", np.nan) for row in history], marker=".", ls=":", label="federated model (val)")
-    for name, style in zip(BASELINES, ("--", "-.")):
+    ax.plot(rounds, [row.get("test_mase", np.nan) for row in history], marker="o", label="global model (test)")
+    ax.plot(rounds, [row.get("val_mase", np.nan) for row in history], marker=".", ls=":", label="global model (val)")
+    ax.plot(rounds, [row.get("fed_test_mase", np.nan) for row in history], marker="s", label="deployed, site-scored (test)")
+    for name, style in zip(BASELINES, ("--", "-.", ":", (0, (1, 3)), (0, (5, 2)))):
         ax.axhline(baseline_metrics[f"baseline_{name}_test_mase"], ls=style, color="grey", label=name.replace("_", "-"))
     ax.set_xlabel("round")
     ax.set_ylabel("MASE, mean over sites (lower is better)")

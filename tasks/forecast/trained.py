@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.forecast.models import build_forecaster
+from tasks.forecast.models import anchor_level_steps, build_forecaster
 from tasks.forecast.training import predict
 
 ForecastFn = Callable[[np.ndarray], np.ndarray]
@@ -40,22 +40,26 @@ class TrainedForecaster:
     run_id: str = ""
     kind: str = "tcn"
     level_steps: int | None = None
+    quantiles: tuple[float, ...] = ()
 
     def to_bytes(self) -> bytes:
         """The model and what rebuilds it, for a Flower ConfigRecord (RL clients get it that way)."""
         buffer = io.BytesIO()
         torch.save({"kind": self.kind, "window": self.window, "horizon": self.horizon, "run_id": self.run_id,
-                    "level_steps": self.level_steps, "state": self.model.state_dict()}, buffer)
+                    "level_steps": self.level_steps, "quantiles": list(self.quantiles),
+                    "state": self.model.state_dict()}, buffer)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "TrainedForecaster":
         """Inverse of :meth:`to_bytes`."""
         raw = torch.load(io.BytesIO(blob), weights_only=True)
-        model = build_forecaster(raw["kind"], in_channels=1, horizon=raw["horizon"], level_steps=raw["level_steps"])
+        quantiles = tuple(raw.get("quantiles", ()))
+        model = build_forecaster(raw["kind"], in_channels=1, horizon=raw["horizon"], level_steps=raw["level_steps"],
+                                 quantiles=quantiles)
         model.load_state_dict(raw["state"])
         return cls(model=model.eval(), window=raw["window"], horizon=raw["horizon"], run_id=raw["run_id"],
-                   kind=raw["kind"], level_steps=raw["level_steps"])
+                   kind=raw["kind"], level_steps=raw["level_steps"], quantiles=quantiles)
 
     def forecast_fn(self, horizon: int | None = None) -> ForecastFn:
         """``history (N, L, 1) -> (N, horizon)``; ``horizon`` <= the trained H."""
@@ -109,10 +113,18 @@ def load_from_mlflow(run_id: str, tracking_uri: str) -> TrainedForecaster:
         raise ValueError(f"MLflow run {run_id} forecasts {columns}; the twin's demand is one series: "
                          "use a run with task.columns=[cpu_usage_pct]")
     window, horizon = int(params["task.window"]), int(params["task.horizon"])
-    level_steps = window if params["task.level_centred"] == "True" else None
-    model = build_forecaster(params["task.model"], in_channels=1, horizon=horizon, level_steps=level_steps)
+    if "task.anchor" in params:
+        level_steps = anchor_level_steps(params["task.anchor"], window)
+        quantiles = tuple(float(q) for q in json.loads(params["task.quantiles"]))
+    else:  # runs from before task.anchor: a window-mean level or none, point forecasts
+        level_steps, quantiles = (window if params.get("task.level_centred") == "True" else None), ()
+    if params.get("task.personal_head") == "True":
+        raise ValueError(f"MLflow run {run_id} kept personal heads on its sites (task.personal_head=true): its "
+                         "global model has no trained head; use a run without personal heads")
+    model = build_forecaster(params["task.model"], in_channels=1, horizon=horizon, level_steps=level_steps,
+                             quantiles=quantiles)
     path = Path(client.download_artifacts(run_id, "model/final_state_dict.pt"))
     model.load_state_dict(torch.load(path, weights_only=True))
     model.eval()
     return TrainedForecaster(model=model, window=window, horizon=horizon, run_id=run_id,
-                             kind=params["task.model"], level_steps=level_steps)
+                             kind=params["task.model"], level_steps=level_steps, quantiles=quantiles)

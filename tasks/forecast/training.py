@@ -13,7 +13,11 @@ normaliser and compute every metric in original units (e.g. CPU %), because
 MAE, RMSE and sMAPE are not invariant to z-scoring (MASE is).
 
 Metrics follow Hyndman & Koehler (2006), "Another look at measures of
-forecast accuracy", Int. J. Forecasting 22(4), 679-688.
+forecast accuracy", Int. J. Forecasting 22(4), 679-688; every point metric is
+also given per horizon step (``mase_h12``: the 12th step ahead alone). A
+quantile forecaster is further scored by the pinball loss (Koenker & Bassett
+1978) and the empirical coverage of its outermost interval (``coverage80``
+for the 0.1 / 0.9 quantiles).
 """
 
 from __future__ import annotations
@@ -112,31 +116,85 @@ def mase(y_true: np.ndarray, y_pred: np.ndarray, y_train: np.ndarray, season: in
     return float(np.mean(np.abs(_f64(y_true) - _f64(y_pred)) / scale))
 
 
-def forecast_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, y_train: np.ndarray, season: int
-) -> dict[str, float]:
-    """MAE, RMSE, sMAPE (%) and MASE of one set of forecasts.
+def pinball(y_true: np.ndarray, y_quantiles: np.ndarray, levels: tuple[float, ...]) -> float:
+    """Mean pinball (quantile) loss over all quantile levels.
+
+    ``rho_tau(u) = u * (tau - 1[u < 0])`` with ``u = y - q_tau``: an
+    under-forecast costs ``tau`` per unit, an over-forecast ``1 - tau``. At
+    tau = 0.5 it is half the absolute error.
 
     Parameters
     ----------
-    y_true, y_pred : numpy.ndarray, shape (..., C)
+    y_true : numpy.ndarray, shape (..., C)
+        Observations.
+    y_quantiles : numpy.ndarray, shape (..., C, Q)
+        Quantile forecasts, one per level.
+    levels : tuple of float
+        The Q levels.
+    """
+    u = _f64(y_true)[..., None] - _f64(y_quantiles)
+    tau = np.asarray(levels, dtype=np.float64)
+    return float(np.mean(u * (tau - (u < 0))))
+
+
+def coverage(y_true: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
+    """Fraction of observations inside ``[lower, upper]`` (bounds included)."""
+    y = _f64(y_true)
+    return float(np.mean((y >= _f64(lower)) & (y <= _f64(upper))))
+
+
+POINT_METRICS = ("mae", "rmse", "smape", "mase")
+HORIZON_METRICS = ("mae", "smape", "mase")  # also given per horizon step as <metric>_h<step>
+
+
+def forecast_metrics(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    y_train: np.ndarray,
+    season: int,
+    y_quantiles: np.ndarray | None = None,
+    levels: tuple[float, ...] = (),
+) -> dict[str, float]:
+    """MAE, RMSE, sMAPE (%) and MASE of one set of forecasts, overall and per step.
+
+    Parameters
+    ----------
+    y_true, y_pred : numpy.ndarray, shape (N, H, C)
         Observations and forecasts, original units.
     y_train : numpy.ndarray, shape (n, C) or (n,)
         Training series for the MASE scale (see :func:`mase`).
     season : int
         Seasonal period for the MASE scale.
+    y_quantiles : numpy.ndarray, shape (N, H, C, Q), optional
+        Quantile forecasts at ``levels``, original units.
+    levels : tuple of float
+        Their levels (increasing).
 
     Returns
     -------
     dict
-        Keys ``"mae"``, ``"rmse"``, ``"smape"``, ``"mase"``.
+        ``"mae"``, ``"rmse"``, ``"smape"``, ``"mase"`` over all steps;
+        ``"<metric>_h<h>"`` for each step h = 1..H and metric of
+        :data:`HORIZON_METRICS`; with quantiles also ``"pinball"`` and
+        ``"coverage<P>"``, P the nominal percentage of the outermost interval
+        (80 for levels 0.1 and 0.9).
     """
-    return {
+    out = {
         "mae": mae(y_true, y_pred),
         "rmse": rmse(y_true, y_pred),
         "smape": smape(y_true, y_pred),
         "mase": mase(y_true, y_pred, y_train, season),
     }
+    for h in range(np.shape(y_true)[1]):
+        step_true, step_pred = y_true[:, h], y_pred[:, h]
+        out[f"mae_h{h + 1}"] = mae(step_true, step_pred)
+        out[f"smape_h{h + 1}"] = smape(step_true, step_pred)
+        out[f"mase_h{h + 1}"] = mase(step_true, step_pred, y_train, season)
+    if y_quantiles is not None and len(levels) >= 2:
+        out["pinball"] = pinball(y_true, y_quantiles, levels)
+        out[f"coverage{round(100 * (levels[-1] - levels[0]))}"] = coverage(
+            y_true, y_quantiles[..., 0], y_quantiles[..., -1])
+    return out
 
 
 def _f64(x: np.ndarray) -> np.ndarray:
@@ -178,13 +236,14 @@ def train_forecaster(
         forked, so the caller's random state is left untouched.
     val : tuple of numpy.ndarray, optional
         ``(X_val, Y_val)``, normalised. If given, the weights of the epoch
-        with the lowest validation MSE are restored at the end (early-stopping
+        with the lowest validation loss are restored at the end (early-stopping
         style model selection on the validation split, never on the test).
 
     Returns
     -------
     list of float
-        Mean training loss (MSE, normalised units) of each epoch.
+        Mean training loss of each epoch (normalised units): the MSE, or the
+        pinball loss for a quantile forecaster (``quantile_levels``).
     """
     x_t, y_t = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(Y, dtype=torch.float32)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -195,7 +254,7 @@ def train_forecaster(
         for _ in range(epochs):
             losses.append(_one_epoch(model, optimiser, x_t, y_t, batch_size))
             if val is not None:
-                val_loss = float(np.mean((predict(model, val[0]) - np.asarray(val[1])) ** 2))
+                val_loss = validation_loss(model, *val)
                 if val_loss < best[0]:
                     best = (val_loss, copy.deepcopy(model.state_dict()))
     if best[1] is not None:
@@ -213,11 +272,46 @@ def _one_epoch(
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
         optimiser.zero_grad()
-        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        loss = forecast_loss(model, x[idx], y[idx])
         loss.backward()
         optimiser.step()
         total += loss.item() * len(idx)
     return total / len(x)
+
+
+def quantile_levels(model: nn.Module) -> tuple[float, ...]:
+    """The model's quantile levels; () for a point forecaster."""
+    return tuple(getattr(model, "quantile_levels", ()))
+
+
+def pinball_loss(y: torch.Tensor, q: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+    """Mean pinball loss of quantiles ``q`` (..., Q) at ``levels`` for ``y`` (...)."""
+    u = y.unsqueeze(-1) - q
+    tau = torch.as_tensor(levels, dtype=q.dtype)
+    return torch.mean(torch.maximum(tau * u, (tau - 1) * u))
+
+
+def forecast_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss: pinball for a quantile forecaster, else the MSE."""
+    levels = quantile_levels(model)
+    if levels:
+        return pinball_loss(y, model.forward_quantiles(x), levels)
+    return nn.functional.mse_loss(model(x), y)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, X: np.ndarray, Y: np.ndarray) -> float:
+    """:func:`forecast_loss` on windows, in eval mode."""
+    model.eval()
+    return float(forecast_loss(model, torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(Y, dtype=torch.float32)))
+
+
+@torch.no_grad()
+def predict_quantiles(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Quantile forecasts (N, H, C, Q) of a quantile forecaster, in eval mode."""
+    model.eval()
+    x = torch.as_tensor(X, dtype=torch.float32)
+    return torch.cat([model.forward_quantiles(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 
 @torch.no_grad()
@@ -275,9 +369,17 @@ def evaluate_forecaster(
     Returns
     -------
     dict
-        ``"mae"``, ``"rmse"``, ``"smape"`` (%), ``"mase"``.
+        See :func:`forecast_metrics`: overall and per-step point metrics, and
+        for a quantile forecaster the pinball loss and interval coverage.
     """
-    return _metrics_in_units(predict(model, X), Y, y_train, season, normaliser)
+    levels = quantile_levels(model)
+    if not levels:
+        return _metrics_in_units(predict(model, X), Y, y_train, season, normaliser)
+    q = predict_quantiles(model, X)
+    if normaliser is not None:  # z-scoring is monotone: quantiles map one to one
+        q = normaliser.inverse_transform(q.swapaxes(-1, -2)).swapaxes(-1, -2)
+        Y = normaliser.inverse_transform(Y)
+    return forecast_metrics(Y, q[..., levels.index(0.5)], y_train, season, q, levels)
 
 
 def evaluate_baselines(

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from fl_common import protocol
 from fl_common.costs import module_costs
+from fl_common.local_layers import deployed
 from tasks.base import ClientRound, LocalUpdate, ServerTask, Task
 from tasks.rl.spec import RLSpec, install_forecaster
 
@@ -190,12 +191,10 @@ def local_prefixes(spec: RLSpec) -> tuple[str, ...]:
 
 def deployed_state(spec: RLSpec, global_state: dict, local_state: dict | None) -> dict:
     """The weights a client acts with: global, with its local parts (or all of it) kept."""
-    if local_state is None:
-        return dict(global_state)
-    if not spec.federated:
+    if local_state is not None and not spec.federated:
         return dict(local_state)
     prefixes = local_prefixes(spec)
-    return {k: (local_state[k] if prefixes and k.startswith(prefixes) else v) for k, v in global_state.items()}
+    return deployed(global_state, local_state, lambda key: bool(prefixes) and key.startswith(prefixes))
 
 
 def train_flops(spec: RLSpec, model: torch.nn.Module) -> float:

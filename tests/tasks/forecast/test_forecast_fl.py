@@ -143,7 +143,8 @@ def test_federated_forecasting_logs_per_site_and_overall_metrics_every_round(tra
     mase = history("test_mase")
     assert mase[-1][1] < mase[0][1]  # training helps
     assert final["test_mase"] == pytest.approx(mase[-1][1])
-    assert [s for s, _ in history("fed_eval_mase")] == [1, 2]  # clients score their validation tails
+    assert [s for s, _ in history("fed_val_mase")] == [1, 2]  # clients score their validation tails
+    assert [s for s, _ in history("fed_test_mase_h6")] == [1, 2]  # ... and test tails, per horizon step
     assert history("virtual_time_s")[-1][1] > 0
     artifacts = {a.path for d in ("report", "plots", "data") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"report/site_metrics.md", "plots/mase_vs_round.png", "plots/test_forecasts.png",
@@ -162,23 +163,32 @@ def test_forecaster_flops_match_torch_flop_counter():
 
     from tasks.forecast.models import build_forecaster, forecaster_costs
 
-    flops, params, _ = forecaster_costs("tcn", 1, 288, 12, False)
-    model = build_forecaster("tcn", 1, 12)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 288, 1))
-    assert flops == counter.get_total_flops()
-    assert params == sum(p.numel() for p in model.parameters())
+    for quantiles in ((), (0.1, 0.5, 0.9)):
+        flops, params, _ = forecaster_costs("tcn", 1, 288, 12, 1, quantiles)
+        model = build_forecaster("tcn", 1, 12, level_steps=1, quantiles=quantiles)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 288, 1))
+        assert flops == counter.get_total_flops()
+        assert params == sum(p.numel() for p in model.parameters())
 
 
 def test_compare_script_tables_hand_computed():
-    from scripts.forecast_compare import site_markdown, summary_markdown
+    from scripts.forecast_compare import PERSISTENCE, horizon_markdown, overall, persistence_verdict, site_markdown
 
-    site = lambda mase: {"mae": 1.0, "rmse": 2.0, "smape": 3.0, "mase": mase}  # noqa: E731
-    results = {"federated": [{"a": site(0.5), "b": site(0.7)}, {"a": site(0.7), "b": site(0.9)}]}
-    table = summary_markdown(results)
-    # overall MASE per seed: 0.6 and 0.8 -> mean 0.7, sd (ddof=1) 0.141
-    assert "| federated | 2 | 1.000 ± 0.000 | 2.000 ± 0.000 | 3.000 ± 0.000 | 0.700 ± 0.141 |" in table
-    assert "| a | 0.600 |" in site_markdown(results)
+    site = lambda mase: {"mae_h1": 1.0, "smape_h1": 3.0, "mase_h1": mase}  # noqa: E731
+    fed = [overall({"a": site(0.5), "b": site(0.7)}), overall({"a": site(0.7), "b": site(0.9)})]
+    results = {"federated": fed, PERSISTENCE: [overall({"a": site(1.0), "b": site(1.0)})],
+               "ETS (statsmodels, tuned on val)": [overall({"a": site(0.5), "b": site(0.7)})]}
+    table = horizon_markdown(results, 1, 300, {"federated": 10})
+    # overall MASE per seed: 0.6 and 0.8 -> mean 0.7, sd (ddof=1) 0.141; skill vs persistence (1.0): 0.3;
+    # vs the best baseline (ETS, 0.6): 1 - 0.6/0.6 = 0 and 1 - 0.8/0.6 = -0.333 -> -0.167 ± 0.236
+    assert "best baseline: ETS" in table
+    assert "| federated | 2 | 10 | 0.700 ± 0.141 | 1.00 ± 0.00 | 3.0 ± 0.0 | 0.300 ± 0.141 | -0.167 ± 0.236 |" in table
+    sites = {"federated": [{"a": site(0.5), "b": site(1.2)}], PERSISTENCE: [{"a": site(1.0), "b": site(1.0)}]}
+    assert "| a | 0.500 | 1.000 |" in site_markdown(sites, "mase_h1")
+    verdict = persistence_verdict(results, sites, [1], 300)
+    assert "5 min: last value MASE 1.000; best trained: federated 0.700; every trained method beats persistence" in verdict
+    assert "persistence is as good or better on 1 of 2 sites (b)" in verdict
 
 
 # ----------------------------------------------------------- real Flower run

@@ -7,14 +7,17 @@ import pytest
 
 from fl_server.experiments.config import compose_config, flatten
 from fl_server.experiments.tracking import RunTracker
-from tasks.forecast.models import build_forecaster
+from tasks.forecast.models import build_forecaster, forecaster_from_settings
+from tasks.forecast.server import forecaster_settings
 from tasks.forecast.trained import TrainedForecaster, load_from_mlflow
 from tasks.forecast.training import predict
 
 
 def logged_forecasting_run(uri: str, *overrides: str) -> tuple[str, object]:
-    cfg = compose_config(["task=workload", "task.window=48", "task.horizon=6", "task.season=48", *overrides])
-    model = build_forecaster("tcn", 1, 6, seed=0, level_steps=48)
+    # zero_head=false: a random head, so the forecasts are not just the last value
+    cfg = compose_config(["task=workload", "task.window=48", "task.horizon=6", "task.season=48",
+                          "task.zero_head=false", *overrides])
+    model = forecaster_from_settings(forecaster_settings(cfg), 1, 6, seed=0)
     tracker = RunTracker(uri, experiment="t", run_name="forecast")
     tracker.log_params(flatten(cfg))
     tracker.log_torch_state(model.state_dict(), "model/final_state_dict.pt")
@@ -62,3 +65,21 @@ def test_bytes_round_trip_gives_the_same_forecasts(tracking_uri):
     # Assert
     assert (shipped.window, shipped.horizon, shipped.run_id, shipped.kind) == (48, 6, run_id, "tcn")
     np.testing.assert_array_equal(shipped.forecast_fn(6)(history), loaded.forecast_fn(6)(history))
+
+
+def test_a_run_from_before_task_anchor_loads_as_window_mean_point_forecaster(tracking_uri):
+    # Prepare: the params of an older run (task.level_centred, no anchor / quantiles)
+    cfg = compose_config(["task=workload", "task.window=48", "task.horizon=6", "task.season=48"])
+    params = {k: v for k, v in flatten(cfg).items() if k not in ("task.anchor", "task.quantiles", "task.zero_head",
+                                                                  "task.personal_head", "task.finetune_epochs")}
+    model = build_forecaster("tcn", 1, 6, seed=0, level_steps=48)
+    tracker = RunTracker(tracking_uri, experiment="t", run_name="old")
+    tracker.log_params({**params, "task.level_centred": True})
+    tracker.log_torch_state(model.state_dict(), "model/final_state_dict.pt")
+    tracker.finish()
+    # Execute
+    loaded = load_from_mlflow(tracker.run_id, tracking_uri)
+    # Assert
+    assert (loaded.level_steps, loaded.quantiles) == (48, ())
+    x = np.random.default_rng(0).normal(size=(2, 48, 1)).astype(np.float32)
+    np.testing.assert_array_equal(predict(loaded.model, x), predict(model, x))
