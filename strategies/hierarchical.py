@@ -417,9 +417,13 @@ class HierarchicalStrategy(Strategy):
         return {"partition": partition, "cluster": cluster, "region": self.network.region_of[cluster]}
 
     # ------------------------------------------------------------- state
+    def partition_busy(self, partition: int) -> bool:
+        """True while the client's last update is still travelling (at the round's start) or waiting at
+        an aggregator that closed before it arrived: it is not sampled meanwhile."""
+        return partition in self.busy or self.client_free_s.get(partition, 0.0) > self.now_s
+
     def is_busy(self, node_id: int) -> bool:
-        """True while this node's update is still travelling (it is not sampled)."""
-        return self.node_partition(node_id) in self.busy
+        return self.partition_busy(self.node_partition(node_id))
 
     def state_dict(self, partition_of: dict[int, int]) -> dict:
         """Checkpoints keep no hierarchy state: resuming a hierarchical run is refused by the config."""
@@ -502,7 +506,7 @@ class HierarchicalStrategy(Strategy):
         idle = {}
         for node in grid.get_node_ids():
             partition = self.node_partition(node)
-            if partition in self.parent_of_client and partition not in self.busy:
+            if partition in self.parent_of_client and not self.partition_busy(partition):
                 idle[partition] = node
         rng = np.random.default_rng([self.seed, server_round, 7])
 
@@ -534,7 +538,10 @@ class HierarchicalStrategy(Strategy):
         None) and the round's metrics."""
         replies = list(replies)
         valid = [m for m in replies if not m.has_error()]
-        start = self._round_start
+        origin = start = self._round_start
+        pending = [u.arrival_s for a in self.aggregators.values() for u in a.inbox]
+        if not valid and pending:  # nobody could train (all in flight): time moves on to the next arrival
+            start = max(start, min(pending))
         self._deliver_clients(valid, start)
         closes: dict[str, list[float]] = {}
         chain = [*self.tier_names, "global"]
@@ -563,11 +570,8 @@ class HierarchicalStrategy(Strategy):
         # the round ends when the global tier closes (a slow tier below does not hold it up), or, in a round
         # without global aggregation, when the last active tier closes
         end = max(closes["global"]) if "global" in closes else max([start, *(c for cs in closes.values() for c in cs)])
-        if not closes and not valid:  # nothing happened: move on to the next arrival
-            pending = [u.arrival_s for a in self.aggregators.values() for u in a.inbox]
-            end = max(start, min(pending)) if pending else start
         self.now_s = end
-        metrics = self._metrics(server_round, valid, closes, start, end, aggregated)
+        metrics = self._metrics(server_round, valid, closes, origin, end, aggregated)
         return (glob.model if aggregated else None), metrics
 
     def _deliver_clients(self, valid: list[Message], start: float) -> None:
@@ -623,8 +627,8 @@ class HierarchicalStrategy(Strategy):
         self._stats.setdefault(f"{agg.tier}_late", []).append(len(late))
         if not due:
             return close
-        # a fixed order (clients by partition, aggregators by name): float sums do not commute,
-        # and this is the order flat FedAvg aggregates in, so a flat topology reproduces it exactly
+        # a fixed order (clients by partition, aggregators by name): float sums do not commute, so a
+        # seed reproduces a run exactly
         due.sort(key=lambda u: (isinstance(u.source, str), u.source))
         messages, taus = [], []
         for update in due:
@@ -727,7 +731,7 @@ class HierarchicalStrategy(Strategy):
         metrics["updates_stale_total"] = float(sum(a > 0 for a in ages))
         for age in sorted(set(ages)):
             metrics[f"staleness_total_tau{age}"] = float(ages.count(age))
-        metrics["clients_in_flight"] = float(len(self.busy))
+        metrics["clients_in_flight"] = float(sum(self.partition_busy(p) for p in self.parent_of_client))
         for key, value in self._bytes.items():
             metrics[key] = float(value)
         for level in LINK_LEVELS:

@@ -251,6 +251,39 @@ def validate_config(cfg: DictConfig) -> None:
         _is_number(cfg.train.momentum) and 0 <= cfg.train.momentum < 1,
         f"train.momentum={cfg.train.momentum} is invalid: use a value in [0, 1)",
     )
+    validate_strategy(cfg)
+    deadline = cfg.devices.deadline_s
+    _require(
+        deadline is None or (_is_number(deadline) and deadline > 0),
+        f"devices.deadline_s={deadline} is invalid: use a positive number of virtual "
+        "seconds, or null for synchronous rounds",
+    )
+    from edgesim.devices import Fleet  # no torch: cheap
+
+    Fleet.from_config(cfg.devices)  # raises ProfileError (a ValueError) naming the value
+    _validate_task(cfg)
+    _require(cfg.checkpoint.resume is None or isinstance(cfg.checkpoint.resume, str),
+             f"checkpoint.resume={cfg.checkpoint.resume} is invalid: give the MLflow run id of the "
+             "interrupted run (quoted if it looks like a number), or null")
+    _validate_privacy(cfg)
+    _validate_compression(cfg)
+    _validate_fault_handling(cfg)
+    _require(
+        isinstance(cfg.simulation.cpus_per_client, int) and cfg.simulation.cpus_per_client >= 1,
+        f"simulation.cpus_per_client={cfg.simulation.cpus_per_client} is invalid: Flower takes "
+        "a whole number of CPUs per simulated client, e.g. simulation.cpus_per_client=1",
+    )
+    _require(
+        _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,
+        f"simulation.round_timeout_s={cfg.simulation.round_timeout_s} is invalid: must be > 0",
+    )
+    from fl_server.experiments import topology  # imports this module
+
+    topology.validate(cfg)
+
+
+def validate_strategy(cfg: DictConfig) -> None:
+    """The settings of ``cfg.strategy`` (also a hierarchy tier's rule, see :mod:`fl_server.experiments.topology`)."""
     if cfg.strategy.name == "fedavgm":
         _require(
             _is_number(cfg.strategy.server_momentum) and 0 <= cfg.strategy.server_momentum < 1,
@@ -278,32 +311,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if cfg.strategy.name == "staleness_clustered":
         _validate_staleness_clustered(cfg)
-    deadline = cfg.devices.deadline_s
-    _require(
-        deadline is None or (_is_number(deadline) and deadline > 0),
-        f"devices.deadline_s={deadline} is invalid: use a positive number of virtual "
-        "seconds, or null for synchronous rounds",
-    )
-    from edgesim.devices import Fleet  # no torch: cheap
-
-    Fleet.from_config(cfg.devices)  # raises ProfileError (a ValueError) naming the value
-    _validate_task(cfg)
-    _require(cfg.checkpoint.resume is None or isinstance(cfg.checkpoint.resume, str),
-             f"checkpoint.resume={cfg.checkpoint.resume} is invalid: give the MLflow run id of the "
-             "interrupted run (quoted if it looks like a number), or null")
-    _validate_privacy(cfg)
-    _validate_compression(cfg)
     _validate_robust(cfg)
-    _validate_fault_handling(cfg)
-    _require(
-        isinstance(cfg.simulation.cpus_per_client, int) and cfg.simulation.cpus_per_client >= 1,
-        f"simulation.cpus_per_client={cfg.simulation.cpus_per_client} is invalid: Flower takes "
-        "a whole number of CPUs per simulated client, e.g. simulation.cpus_per_client=1",
-    )
-    _require(
-        _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,
-        f"simulation.round_timeout_s={cfg.simulation.round_timeout_s} is invalid: must be > 0",
-    )
 
 
 def _validate_staleness_clustered(cfg: DictConfig) -> None:
@@ -544,6 +552,7 @@ def default_run_name(cfg: DictConfig) -> str:
     """A short, human-readable run name for MLflow and the progress display (the task's)."""
     if cfg.tracking.run_name:
         return str(cfg.tracking.run_name)
+    from fl_server.experiments.topology import run_name_suffix
     from tasks.registry import task_of
 
-    return task_of(cfg).run_name(cfg)
+    return task_of(cfg).run_name(cfg) + run_name_suffix(cfg)

@@ -166,6 +166,11 @@ class ImageServer(ServerTask):
 
         return per_class
 
+    def validation_score(self, arrays: ArrayRecord) -> float:
+        """Accuracy on the server's public class-balanced validation set (disjoint from test and clients)."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return float(evaluate(self.model, self.data.public_val, self.spec.num_classes)["accuracy"])
+
     def log_inputs(self, tracker: Any) -> None:
         counts = self.data.class_counts()
         tracker.log_text(_class_counts_csv(counts), "data/client_class_counts.csv")
