@@ -45,9 +45,10 @@ def adopt(
     reset_momentum : bool
         Drop server momentum (a rollback: the rejected step must not persist).
     """
-    inner = vars(strategy).get("strategy")
-    if isinstance(inner, Strategy):  # a wrapper (Flower's DP wrappers): its strategy holds the state
-        adopt(inner, arrays, server_round, members, reset_momentum)
+    for name in ("strategy", "global_strategy"):  # wrappers (Flower's DP wrappers, a hierarchy's global tier)
+        inner = vars(strategy).get(name)
+        if isinstance(inner, Strategy):
+            adopt(inner, arrays, server_round, members, reset_momentum)
     if hasattr(strategy, "current_arrays"):
         strategy.current_arrays = arrays
         if reset_momentum and hasattr(strategy, "momentum_vector"):

@@ -90,3 +90,17 @@ def test_mix_is_per_float_tensor():
 def test_bad_guard_settings_are_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RolloutGuard(fedavg(), score, **kwargs)
+
+
+def test_a_rollback_reaches_the_global_tier_of_a_hierarchy():
+    from strategies.hierarchical import HierarchicalStrategy, Link, Network, TierRule
+
+    net = Network(cluster_of={0: "a", 1: "b"}, region_of={"a": "x", "b": "x"}, lan=Link(1000, 1),
+                  regional=Link(1000, 1), backhaul=Link(100, 1))
+    top = FedAvgM(server_momentum=0.9, min_available_nodes=1, min_train_nodes=1)
+    guard = RolloutGuard(HierarchicalStrategy(net, {"cluster": TierRule(fedavg)}, top), score, threshold=0.0,
+                         relative=False)
+    good, _ = round_with(guard, 1, arrays([0.0]), 1.0, 1.0)
+    adopted, metrics = round_with(guard, 2, good, -5.0, -5.0)
+    assert metrics["rollout_rejected"] == 1 and adopted is good
+    assert top.current_arrays is good and top.momentum_vector is None
