@@ -29,8 +29,12 @@ STALENESS = "staleness"          # set by the server's virtual clock on each app
 VC_COMPUTE_S, VC_DOWNLINK_S, VC_UPLINK_S = "vc_compute_s", "vc_downlink_s", "vc_uplink_s"
 VC_ENERGY_J, VC_UP_BYTES = "vc_energy_j", "vc_up_bytes"
 VC_DURATION_KEYS = (VC_DOWNLINK_S, VC_COMPUTE_S, VC_UPLINK_S)
+# set by the server's byte accounting on each training reply: the serialised bytes of the reply and of
+# the message that node received, as they crossed the wire (compressed, if so); hierarchical aggregation
+# (strategies/hierarchical.py) forwards them over its links
+WIRE_UP_BYTES, WIRE_DOWN_BYTES = "wire-up-bytes", "wire-down-bytes"
 # bookkeeping keys that are not training metrics (the strategy's aggregated metrics skip them)
-BOOKKEEPING = (NUM_EXAMPLES, PARTITION_ID, DISPATCH_ROUND)
+BOOKKEEPING = (NUM_EXAMPLES, PARTITION_ID, DISPATCH_ROUND, WIRE_UP_BYTES, WIRE_DOWN_BYTES)
 
 # node_config keys (set per SuperNode)
 NODE_PARTITION_ID = "partition-id"

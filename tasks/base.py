@@ -142,6 +142,13 @@ class ServerTask(ABC):
         """Per-class accuracy of a client model on public data (ASS), if the task has it."""
         return None
 
+    def validation_score(self, arrays: ArrayRecord) -> float:
+        """Score of a candidate global model on the task's validation replay,
+        higher is better (the rollout guard, :mod:`strategies.rollout`): data
+        the clients never train on and the logged evaluation never uses.
+        Tasks without one leave it as it is (``rollout=...`` is then refused)."""
+        raise NotImplementedError(f"{type(self).__name__} has no validation replay")
+
     def log_inputs(self, tracker: Any) -> None:
         """Artifacts and step-0 metrics describing the data (new runs only)."""
 

@@ -52,23 +52,24 @@ class AccountingGrid(GridWrapper):
         self._round = {"uplink_bytes": 0, "downlink_bytes": 0}
         return {k: float(v) for k, v in counts.items()}
 
-    def _count(self, direction: str, content: RecordDict) -> None:
+    def _count(self, direction: str, content: RecordDict) -> int:
         size = comp.serialised_size(content)
         self._round[f"{direction}_bytes"] += size
         self._total[f"{direction}_bytes_total"] += size
+        return size
 
     # ------------------------------------------------------------ send/receive
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         sent_models: dict[int, ArrayRecord] = {}
         pending_views: dict[int, tuple[comp.Tensors, int]] = {}
-        outgoing = []
+        outgoing, down_bytes = [], {}
         for msg in messages:
             if _is_training(msg) and "arrays" in msg.content:
                 sent_models[msg.metadata.dst_node_id] = msg.content["arrays"]
                 msg = self._downlink(msg, pending_views)
             if msg.metadata.message_type == MessageType.TRAIN:
-                self._count("downlink", msg.content)
+                down_bytes[msg.metadata.dst_node_id] = self._count("downlink", msg.content)
             outgoing.append(msg)
         replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
         for reply in replies:
@@ -78,7 +79,10 @@ class AccountingGrid(GridWrapper):
             if reply.has_error():
                 self.views.pop(node, None)  # it may not hold what we think: resend in full
                 continue
-            self._count("uplink", reply.content)
+            up_bytes = self._count("uplink", reply.content)
+            if "metrics" in reply.content:  # what crossed the wire, for strategies that forward it (hierarchies)
+                reply.content["metrics"][protocol.WIRE_UP_BYTES] = up_bytes
+                reply.content["metrics"][protocol.WIRE_DOWN_BYTES] = down_bytes.get(node, 0)
             if node in pending_views:
                 self.views[node] = pending_views[node]
             if self.settings is not None and node in sent_models:

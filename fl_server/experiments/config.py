@@ -281,6 +281,9 @@ def validate_config(cfg: DictConfig) -> None:
         _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,
         f"simulation.round_timeout_s={cfg.simulation.round_timeout_s} is invalid: must be > 0",
     )
+    from fl_server.experiments import topology  # imports this module
+
+    topology.validate(cfg)
 
 
 CENTRAL_DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
@@ -476,6 +479,7 @@ def default_run_name(cfg: DictConfig) -> str:
     """A short, human-readable run name for MLflow and the progress display (the task's)."""
     if cfg.tracking.run_name:
         return str(cfg.tracking.run_name)
+    from fl_server.experiments.topology import run_name_suffix
     from tasks.registry import task_of
 
-    return task_of(cfg).run_name(cfg)
+    return task_of(cfg).run_name(cfg) + run_name_suffix(cfg)

@@ -34,6 +34,7 @@ from fl_server.engine.rounds import RoundDriver
 from fl_server.engine.virtual_clock import VirtualClock
 from fl_server.experiments import progress
 from fl_server.experiments.config import default_run_name, flatten
+from fl_server.experiments.topology import arrange_strategy, attach_topology, topology_tags
 from fl_server.experiments.tracking import RunTracker
 from strategies import build_strategy
 from tasks.base import ServerTask
@@ -49,6 +50,7 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
         tags["compression"] = str(cfg.compression.name)
     if cfg.privacy.name != "none":
         tags["privacy"] = str(cfg.privacy.name)
+    tags.update(topology_tags(cfg))  # hierarchical topologies, rollout guards (none by default)
     return tags
 
 
@@ -177,8 +179,9 @@ def _run_tracked(
         progress.emit("round", round=server_round, **{k: metrics[k] for k in server.shown if k in metrics})
 
     driver_cls, driver_extra = protection.round_driver(cfg, server.client_sizes)  # SecAgg+ or plain
+    strategy = protection.protect_strategy(build_strategy(cfg, server.public_scorer()), cfg)
     driver = driver_cls(
-        strategy=protection.protect_strategy(build_strategy(cfg, server.public_scorer()), cfg),
+        strategy=arrange_strategy(cfg, server, devices, strategy),  # tiers, rollout guard: unchanged by default
         grid=driver_grid,
         train_config=train_config(cfg, server),
         evaluate_fn=server.evaluate,
@@ -186,6 +189,7 @@ def _run_tracked(
         **driver_settings(cfg, tracker, server.num_clients, FleetAvailability(fleet, devices, int(cfg.seed))),
         **driver_extra,
     )
+    attach_topology(driver)  # a hierarchy keeps the virtual time of its tiers
     final_arrays = checkpoints.run(driver, server.initial_arrays(), int(cfg.num_rounds))
 
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")

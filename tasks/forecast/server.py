@@ -173,6 +173,13 @@ class ForecastServer(ServerTask):
             metrics.update(self.baseline_metrics)
         return metrics
 
+    def validation_score(self, arrays: ArrayRecord) -> float:
+        """Minus the mean MASE over sites on the held-out validation window (after the
+        training slice, before the test tail; clients never train on it)."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        per_site = score_sites(self.model, self.data, self.spec.season, "val")
+        return -float(np.mean([s["mase"] for s in per_site.values()]))
+
     def log_inputs(self, tracker: Any) -> None:
         if self.cfg.tracking.log_model:  # log_model's imports (torch.export needs dynamo: ~2 s), while clients train
             tracker.warm_up("mlflow.pytorch", "torch._dynamo")

@@ -168,6 +168,11 @@ class ImageServer(ServerTask):
 
         return per_class
 
+    def validation_score(self, arrays: ArrayRecord) -> float:
+        """Accuracy on the server's public class-balanced validation set (disjoint from test and clients)."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return float(evaluate(self.model, self.data.public_val, self.spec.num_classes)["accuracy"])
+
     def log_inputs(self, tracker: Any) -> None:
         if self.cfg.tracking.log_model:  # log_model's imports (torch.export needs dynamo: ~2 s), while clients train
             tracker.warm_up("mlflow.pytorch", "torch._dynamo")

@@ -45,6 +45,7 @@ EVAL_KEYS = (
 )  # fmt: skip
 HEADLINE = ("eval_return", "eval_slo_violation_rate", "eval_p95_ms", "eval_p99_ms", "eval_energy_j_per_request",
             "eval_cost_per_1k_usd", "eval_shield_interventions", "train_return")
+VALIDATION_SEED_OFFSET = 5_000  # the rollout guard's twin episode: eval_seeds[0] + this
 SHOWN = ("eval_return", "eval_slo_violation_rate", "eval_p95_ms", "train_return", "clients_replied", "round_wall_time_s")
 
 class RLServer(ServerTask):
@@ -98,6 +99,16 @@ class RLServer(ServerTask):
         scores, _ = evaluate_deployment(self.spec, self.deployed_agents(arrays.to_torch_state_dict()),
                                         self.spec.eval_seeds)
         return {f"eval_{k}": scores[k] for k in EVAL_KEYS}
+
+    def validation_score(self, arrays: ArrayRecord) -> float:
+        """Return of one twin episode with every site's policy deployed, on a held-out
+        seed (``VALIDATION_SEED_OFFSET`` past the first evaluation seed: neither the
+        clients' training episodes nor the logged evaluation use it)."""
+        from tasks.rl.deploy import evaluate_deployment
+
+        seed = int(self.spec.eval_seeds[0]) + VALIDATION_SEED_OFFSET
+        scores, _ = evaluate_deployment(self.spec, self.deployed_agents(arrays.to_torch_state_dict()), [seed])
+        return float(scores["return"])
 
     def log_inputs(self, tracker: Any) -> None:
         tracker.log_text(json.dumps(json.loads(self.spec.to_json()), indent=2), "config/rl_spec.json")

@@ -9,7 +9,7 @@ from tests.conftest import run_module
 
 BAD_INPUTS = [
     (["strategy=foo"], "unknown strategy 'foo': choose one of ass, fedavg, fedavgm"),
-    (["task=cifar"], "unknown task 'cifar': choose one of bitbrains, breastmnist, mnist"),
+    (["task=cifar"], "unknown task 'cifar': choose one of bitbrains, breastmnist, "),
     (["partition=shards"], "unknown partition 'shards': choose one of dirichlet, iid"),
     (["devices=raspberry"], "unknown devices 'raspberry': choose one of mixed"),
     (["partition.rho=0.5"], "partition.rho=0.5 is invalid"),
