@@ -274,6 +274,8 @@ class RoundDriver:
         self.round_retries = round_retries
         self.on_failures = on_failures
         self.energy_j = 0.0
+        self.marks: dict[str, float] = {}  # epoch seconds of the start-up steps (the run's timeline)
+        self._discovery_s: float | None = None  # reported once, with the first round's metrics
 
     def run(
         self,
@@ -292,7 +294,10 @@ class RoundDriver:
         if start_round == 1:
             self.on_round(0, self.evaluate_fn(0, arrays))
         if self.num_nodes is not None:
+            self.marks["discover_start"] = time.time()
             self.partition_of = discover_partitions(self.grid, self.num_nodes, self.timeout_s)
+            self.marks["nodes_discovered"] = time.time()  # every client's actor has answered once
+            self._discovery_s = self.marks["nodes_discovered"] - self.marks["discover_start"]
         if on_ready is not None:
             on_ready(self)
         for server_round in range(start_round, num_rounds + 1):
@@ -352,6 +357,8 @@ class RoundDriver:
         metrics["round_train_time_s"] = time.perf_counter() - started
         metrics.update(self._evaluate(server_round, arrays))
         metrics["round_wall_time_s"] = time.perf_counter() - started
+        if self._discovery_s is not None:  # the QUERY round before round 1 (actors' start-up included)
+            metrics["discover_partitions_s"], self._discovery_s = self._discovery_s, None
         return RoundResult(arrays=arrays, metrics=metrics, failures=failures)
 
     def _aggregate(self, server_round: int, arrays: ArrayRecord, train: _TrainPhase):

@@ -150,7 +150,7 @@ def checkpoint_then_log(
 
 
 def _run_tracked(
-    grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints
+    grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints,
 ) -> dict[str, float]:
     started = time.perf_counter()
     history = start_tracking(cfg, tracker, checkpoints)
@@ -168,6 +168,7 @@ def _run_tracked(
         driver_grid = wire
 
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
+        progress.mark(f"round{server_round}_done" if server_round < 2 else "last_round_done")
         metrics = {**metrics, "elapsed_wall_time_s": time.perf_counter() - started}
         if server_round > 0:
             metrics.update(wire.take_round_counts())
@@ -176,6 +177,7 @@ def _run_tracked(
             server.after_round(server_round, driver.arrays, tracker)
         progress.emit("round", round=server_round, **{k: metrics[k] for k in server.shown if k in metrics})
 
+    progress.mark("task_ready")  # config, data, model, tracker set-up queued
     driver_cls, driver_extra = protection.round_driver(cfg, server.client_sizes)  # SecAgg+ or plain
     driver = driver_cls(
         strategy=protection.protect_strategy(build_strategy(cfg, server.public_scorer()), cfg),
@@ -196,6 +198,10 @@ def _run_tracked(
     final["wall_time_s"] = time.perf_counter() - started
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=int(cfg.num_rounds))
     tracker.finish()
+    progress.mark("tracking_finished")
+    for name, at in driver.marks.items():
+        progress.mark(name, at)
+    progress.emit("timeline", **progress.timeline())
     progress.emit("finished", mlflow_run_id=tracker.run_id, **final)
     return final
 

@@ -27,6 +27,7 @@ BAD_INPUTS = [
     (["strategy=ass", "strategy.floor=1"], "strategy.floor=1 is invalid"),
     (["clients.num=4", "clients.min_train=5"], "clients.min_train=5 is invalid"),
     (["simulation.cpus_per_client=0.5"], "simulation.cpus_per_client=0.5 is invalid"),
+    (["simulation.shared_ray=maybe"], "simulation.shared_ray=maybe is invalid: use true or false"),
 ]
 
 
