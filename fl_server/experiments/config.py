@@ -304,7 +304,7 @@ def validate_config(cfg: DictConfig) -> None:
         _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,
         f"simulation.round_timeout_s={cfg.simulation.round_timeout_s} is invalid: must be > 0",
     )
-    for key, value in (("simulation.shared_ray", cfg.simulation.shared_ray),):
+    for key, value in (("simulation.shared_ray", cfg.simulation.shared_ray), ("tracking.profile", cfg.tracking.profile)):
         _require(isinstance(value, bool), f"{key}={value} is invalid: use true or false")
 
 

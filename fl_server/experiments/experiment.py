@@ -34,6 +34,7 @@ from fl_server.engine.rounds import RoundDriver
 from fl_server.engine.virtual_clock import VirtualClock
 from fl_server.experiments import progress
 from fl_server.experiments.config import default_run_name, flatten
+from fl_server.experiments.profiling import RunProfile
 from fl_server.experiments.tracking import RunTracker
 from strategies import build_strategy
 from tasks.base import ServerTask
@@ -92,12 +93,14 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
         deferred=True,
         resume_run_id=checkpoints.resume_run_id,
     )
+    profile = RunProfile(bool(cfg.tracking.get("profile", False)))  # tracking.profile: cProfile this thread
     try:
-        return _run_tracked(grid, cfg, tracker, run_name, checkpoints)
+        return _run_tracked(grid, cfg, tracker, run_name, checkpoints, profile)
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"
         progress.emit("failed", reason=reason)
         tracker.log_text(traceback.format_exc(), "failure/traceback.txt")
+        profile.log(tracker)  # a failed run's profile too (up to the failure)
         tracker.fail(reason)
         raise
 
@@ -150,7 +153,7 @@ def checkpoint_then_log(
 
 
 def _run_tracked(
-    grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints,
+    grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints, profile: RunProfile,
 ) -> dict[str, float]:
     started = time.perf_counter()
     history = start_tracking(cfg, tracker, checkpoints)
@@ -197,6 +200,7 @@ def _run_tracked(
     final.update(server.report(tracker, history, final_arrays, run_name))
     final["wall_time_s"] = time.perf_counter() - started
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=int(cfg.num_rounds))
+    profile.log(tracker)
     tracker.finish()
     progress.mark("tracking_finished")
     for name, at in driver.marks.items():

@@ -1,6 +1,6 @@
 """Run one experiment with ``flwr run`` on a local simulation, robustly.
 
-    python -m fl_server.launch [HYDRA_OVERRIDE ...] [--verbose] [--show-config]
+    python -m fl_server.launch [HYDRA_OVERRIDE ...] [--verbose] [--show-config] [--profile]
 
 What this adds around ``flwr run . --stream``:
 
@@ -350,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=fedavgm partition.rho=10")
     parser.add_argument("--verbose", action="store_true", help="echo Flower's and Ray's full log")
     parser.add_argument("--show-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the ServerApp's run (= tracking.profile=true): MLflow artifacts "
+                             "profile/server.pstats and profile/server_top.txt")
     args = parser.parse_args(argv)
+    if args.profile:
+        args.overrides = [o for o in args.overrides if not o.startswith("tracking.profile=")] + ["tracking.profile=true"]
     began_at = time.time()
     console = Console()
     try:
