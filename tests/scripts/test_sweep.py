@@ -85,6 +85,10 @@ def test_a_terminated_sweep_stops_its_superlink_ray_head_simulation_and_actors(t
         assert any("ray start --head" in c for c in started.values()), started
         assert any("flwr-simulation" in c for c in started.values()), started
         assert any(c.startswith("ray::ClientAppActor") for c in started.values()), started
+        (head,) = [pid for pid, c in started.items() if "ray start --head" in c]
+        under_head = descendants(head)
+        assert any(c.startswith("ray::ClientAppActor") for c in _commands(under_head).values())  # it joined the head
+        assert not any("gcs_server" in c for pid, c in started.items() if pid not in under_head)  # and has no Ray of its own
         # Execute
         sweep.send_signal(signal.SIGTERM)
         code = sweep.wait(timeout=90)
