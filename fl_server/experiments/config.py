@@ -306,6 +306,9 @@ def validate_config(cfg: DictConfig) -> None:
     )
     for key, value in (("simulation.shared_ray", cfg.simulation.shared_ray), ("tracking.profile", cfg.tracking.profile)):
         _require(isinstance(value, bool), f"{key}={value} is invalid: use true or false")
+    limit = cfg.tracking.per_client_limit
+    _require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1),
+             f"tracking.per_client_limit={limit} is invalid: use a whole number of clients >= 1, or null (all)")
 
 
 def _validate_staleness_clustered(cfg: DictConfig) -> None:

@@ -27,9 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from edgesim.devices import Fleet, is_online
 from fl_common import protocol
 from fl_common.costs import check_memory
+from fl_common.per_client import sample_clients
 from fl_server.engine import fault_handling, protection
 from fl_server.engine.checkpoint import RunCheckpoints
 from fl_server.engine.comm import ReplyRecorder
+from fl_server.engine.per_client import limit_per_client
 from fl_server.engine.rounds import RoundDriver
 from fl_server.engine.virtual_clock import VirtualClock
 from fl_server.experiments import progress
@@ -170,9 +172,12 @@ def _run_tracked(
     else:
         driver_grid = wire
 
+    keep = sample_clients(server.num_clients, cfg.tracking.per_client_limit)  # None: every client
+    keep = None if keep is None else frozenset(keep)
+
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
         progress.mark(f"round{server_round}_done" if server_round < 2 else "last_round_done")
-        metrics = {**metrics, "elapsed_wall_time_s": time.perf_counter() - started}
+        metrics = {**limit_per_client(metrics, keep), "elapsed_wall_time_s": time.perf_counter() - started}
         if server_round > 0:
             metrics.update(wire.take_round_counts())
         checkpoint_then_log(tracker, checkpoints, driver, history, server_round, metrics)

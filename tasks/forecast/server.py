@@ -5,19 +5,23 @@ series; the configured strategy (FedAvg, FedAvgM, staleness-aware clustered…)
 aggregates. After every round the server scores the global model on every
 site's validation and test windows, in original units: MAE, RMSE, sMAPE and
 MASE per site and their mean over sites ("overall"), next to the seasonal-naive
-(one season) and last-value baselines on the very same windows.
+(one season) and last-value baselines on the very same windows. Above
+``task.eval_sites`` sites it scores a fixed sample of that many, and above
+``tracking.per_client_limit`` it logs per-site keys for a fixed sample only.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig
 
-from fl_datasets.forecast_data import FederatedForecastData, ForecastSpec, build_forecast_data
+from fl_common.per_client import sample_clients
+from fl_datasets.forecast_data import FederatedForecastData, ForecastSpec, SiteLayout, build_forecast_data, site_layout
 from tasks.base import ServerTask
 from tasks.forecast.models import build_forecaster, forecaster_costs
 from tasks.forecast.training import evaluate_baselines, evaluate_forecaster, predict
@@ -60,13 +64,15 @@ def score_baselines(data: FederatedForecastData, season: int, split: str) -> dic
     return {b: {s: scores[b] for s, scores in per_site.items()} for b in BASELINES}
 
 
-def flat_metrics(per_site: dict[str, dict[str, float]], prefix: str, per_site_keys: bool = True) -> dict[str, float]:
+def flat_metrics(per_site: dict[str, dict[str, float]], prefix: str, per_site_keys: bool = True,
+                 logged: Container[str] | None = None) -> dict[str, float]:
     """Overall (mean over sites) as ``<prefix>_<metric>``, and per site as
-    ``site<id>_<prefix>_<metric>``."""
+    ``site<id>_<prefix>_<metric>`` (only the sites in ``logged``, if given)."""
     out = {f"{prefix}_{m}": float(np.mean([s[m] for s in per_site.values()])) for m in METRICS}
     if per_site_keys:
         for site, scores in per_site.items():
-            out.update({f"site{site}_{prefix}_{m}": float(v) for m, v in scores.items()})
+            if logged is None or site in logged:
+                out.update({f"site{site}_{prefix}_{m}": float(v) for m, v in scores.items()})
     return out
 
 
@@ -80,14 +86,22 @@ class ForecastServer(ServerTask):
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.spec = ForecastSpec.from_config(cfg)
-        self.data = build_forecast_data(self.spec)
         self.num_clients = self.spec.num_clients
+        self.layout = site_layout(self.spec)  # every client's site and window counts, no windows cut
+        # the sites scored every round: all, or a fixed sample above task.eval_sites
+        self.eval_clients = sample_clients(self.num_clients, cfg.task.get("eval_sites"))
+        self.data = build_forecast_data(self.spec, self.eval_clients)
+        # per-site metric keys: every scored site, or a fixed sample above tracking.per_client_limit
+        logged = sample_clients(self.num_clients, cfg.tracking.get("per_client_limit"))
+        scored = set(range(self.num_clients) if self.eval_clients is None else self.eval_clients)
+        self.logged_sites = None if logged is None and self.eval_clients is None else frozenset(
+            self.layout.site_ids[c] for c in (scored if logged is None else scored & set(logged)))
         self.model_name = str(cfg.task.model)
-        self.client_sizes = [len(site) for site in self.data.sites]
+        self.client_sizes = [train for train, _, _ in self.layout.windows]
         self.baselines = {b: score_baselines(self.data, self.spec.season, "test")[b] for b in BASELINES}
         self.baseline_metrics: dict[str, float] = {}
         for name, per_site in self.baselines.items():
-            self.baseline_metrics.update(flat_metrics(per_site, f"baseline_{name}_test"))
+            self.baseline_metrics.update(flat_metrics(per_site, f"baseline_{name}_test", logged=self.logged_sites))
         self.model = _forecaster(cfg, self.spec, seed=int(cfg.seed))
 
     def initial_arrays(self) -> ArrayRecord:
@@ -106,20 +120,22 @@ class ForecastServer(ServerTask):
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         season = self.spec.season
-        metrics = flat_metrics(score_sites(self.model, self.data, season, "test"), "test")
+        metrics = flat_metrics(score_sites(self.model, self.data, season, "test"), "test", logged=self.logged_sites)
         metrics.update(flat_metrics(score_sites(self.model, self.data, season, "val"), "val", per_site_keys=False))
         if server_round in (0, int(self.cfg.num_rounds)):  # flat lines in the UI's charts
             metrics.update(self.baseline_metrics)
         return metrics
 
     def log_inputs(self, tracker: Any) -> None:
-        tracker.log_text(_sites_csv(self.data), "data/client_sites.csv")
+        tracker.log_text(_sites_csv(self.layout), "data/client_sites.csv")
+        if self.eval_clients is not None:
+            tracker.log_metrics({"eval_sites": float(len(self.eval_clients))}, step=0)
         if self.data.left_out:  # VMs that do not cover the common window (fl_datasets.traces)
             tracker.log_text(self.data.left_out_note + "\n", "data/vms_left_out.txt")
             tracker.log_metrics({"data_vms_left_out": float(len(self.data.left_out))}, step=0)
 
     def report(self, tracker: Any, history: list[dict[str, Any]], final: ArrayRecord, run_name: str) -> dict[str, float]:
-        tracker.log_text(_site_table(history[-1], self.data, self.baselines), "report/site_metrics.md")
+        tracker.log_text(_site_table(history[-1], self.data, self.baselines, self.logged_sites), "report/site_metrics.md")
         tracker.log_figure(lambda: _mase_plot(history, self.baseline_metrics, run_name), "plots/mase_vs_round.png")
         self.model.load_state_dict(final.to_torch_state_dict())
         tracker.log_figure(lambda: _forecast_plot(self.model, self.data, self.spec), "plots/test_forecasts.png")
@@ -133,18 +149,22 @@ def _forecaster(cfg: DictConfig, spec: ForecastSpec, seed: int | None = None):
     )
 
 
-def _sites_csv(data: FederatedForecastData) -> str:
-    rows = [f"{i},{s.site},{len(s.train[0])},{len(s.val[0])},{len(s.test[0])}" for i, s in enumerate(data.sites)]
+def _sites_csv(layout: SiteLayout) -> str:
+    rows = [f"{i},{site},{train},{val},{test}" for i, (site, (train, val, test)) in
+            enumerate(zip(layout.site_ids, layout.windows))]
     return "client,site,train_windows,val_windows,test_windows\n" + "\n".join(rows) + "\n"
 
 
-def _site_table(last: dict[str, Any], data: FederatedForecastData, baselines) -> str:
-    """Markdown: final per-site test metrics of the model and both baselines."""
+def _site_table(last: dict[str, Any], data: FederatedForecastData, baselines, logged: Container[str] | None = None) -> str:
+    """Markdown: final per-site test metrics of the model and both baselines
+    (the sites with per-site metrics; the overall row is over every scored site)."""
     lines = [
         "| site | model MAE | model RMSE | model sMAPE % | model MASE | s-naive MASE | last-value MASE |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in data.site_ids():
+        if logged is not None and s not in logged:
+            continue
         lines.append(
             f"| {s} | " + " | ".join(f"{last[f'site{s}_test_{m}']:.3f}" for m in METRICS)
             + f" | {baselines['seasonal_naive'][s]['mase']:.3f} | {baselines['last_value'][s]['mase']:.3f} |"
