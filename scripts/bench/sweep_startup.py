@@ -69,7 +69,7 @@ PHASES = (
     ("run end: report, MLflow, Ray shutdown, stream end", "last_round_done", "ended_at"),
     ("status check (+ SuperLink stop, exit, Hydra)", "ended_at", "job_end"),
 )
-console = Console()
+console = Console(width=200)  # tables are read from logs too
 
 
 def job_overrides(rounds: int, clients: int) -> list[str]:
