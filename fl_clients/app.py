@@ -90,12 +90,18 @@ def _fleet(devices_json: str) -> Fleet:
     return Fleet.from_config(json.loads(devices_json))
 
 
+@lru_cache(maxsize=4)
+def _devices(devices_json: str, num_clients: int, seed: int) -> tuple[str, ...]:
+    """Every client's device (the server's ``Fleet.assign``), once per process, not once per message."""
+    return tuple(_fleet(devices_json).assign(num_clients, seed))
+
+
 def virtual_cost(config: ConfigRecord, run: ClientRound, update: LocalUpdate,
                  received: ArrayRecord, sent: ArrayRecord) -> dict[str, float]:
     """What this round would cost on this client's device (virtual clock)."""
     fleet = _fleet(str(config[protocol.DEVICES]))
     seed = int(config[protocol.SEED])
-    profile = fleet.profiles[fleet.assign(run.num_clients, seed)[run.partition_id]]
+    profile = fleet.profiles[_devices(str(config[protocol.DEVICES]), run.num_clients, seed)[run.partition_id]]
     cost = round_cost(
         fleet, profile, update.train_flops,
         down_bytes=received.count_bytes(), up_bytes=sent.count_bytes(),

@@ -10,7 +10,10 @@ own training (and validation) windows.
 
 Built once per process and cached (Flower re-creates clients every round): the
 raw series of a trace directory are also saved under ``FEDCONTINUUM_CACHE_DIR``
-when the launcher sets it, so Ray workers skip re-parsing the CSV files.
+when the launcher sets it, so Ray workers skip re-parsing the CSV files. The
+series are cached whole; windows are cut per site on demand (a client: its
+own, :func:`build_site`), so a 1,000-site federation does not hold every
+site's windows in every process.
 """
 
 from __future__ import annotations
@@ -178,18 +181,18 @@ class FederatedForecastData:
         return [s.site for s in self.sites]
 
 
-@lru_cache(maxsize=4)
-def build_forecast_data(spec: ForecastSpec) -> FederatedForecastData:
-    """Load (or generate), select, split, normalise and window every site.
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    """The series, the time split and the chosen sites: everything before windowing."""
 
-    Raises
-    ------
-    fl_datasets.traces.TraceError
-        Missing or empty trace directory, corrupt file (naming file and line),
-        or fewer sites than clients.
-    ValueError
-        W or H <= 0, or W + H longer than a split of the series.
-    """
+    traces: TraceSet
+    splits: tuple[slice, slice, slice]
+    chosen: tuple[int, ...]  # index into ``traces`` of each client's site
+
+
+@lru_cache(maxsize=4)
+def _prepared(spec: ForecastSpec) -> _Prepared:
+    """Load (or generate), check and select; cached per process (the windows are not)."""
     if spec.window <= 0 or spec.horizon <= 0:
         raise ValueError(
             f"task.window={spec.window}, task.horizon={spec.horizon}: both must be >= 1 steps"
@@ -203,12 +206,72 @@ def build_forecast_data(spec: ForecastSpec) -> FederatedForecastData:
             f"shortest split ({shortest} of {len(traces.timestamps)} steps): shorten the window or "
             "horizon, or use a longer series (task.synthetic.num_steps or a full trace month)"
         )
-    chosen = _select_sites(traces, spec, train)
-    sites = tuple(_prepare_site(traces, i, spec, (train, val, test)) for i in chosen)
+    return _Prepared(traces, (train, val, test), tuple(_select_sites(traces, spec, train)))
+
+
+def clear_caches() -> None:
+    """Forget every cached series and window (tests: read the trace cache anew)."""
+    _prepared.cache_clear()
+    build_forecast_data.cache_clear()
+    build_site.cache_clear()
+
+
+@lru_cache(maxsize=4)
+def build_forecast_data(spec: ForecastSpec, clients: tuple[int, ...] | None = None) -> FederatedForecastData:
+    """Load (or generate), select, split, normalise and window every site
+    (or only those of ``clients``, in that order: e.g. the sites a server scores).
+
+    Every site's windows cost ~2 MB at the default settings (the test split
+    at stride 1 most): a client needs only its own (:func:`build_site`), and
+    a large federation's server scores a sample (``task.eval_sites``).
+
+    Raises
+    ------
+    fl_datasets.traces.TraceError
+        Missing or empty trace directory, corrupt file (naming file and line),
+        or fewer sites than clients.
+    ValueError
+        W or H <= 0, or W + H longer than a split of the series.
+    """
+    prepared = _prepared(spec)
+    chosen = prepared.chosen if clients is None else tuple(prepared.chosen[c] for c in clients)
+    traces = prepared.traces
+    sites = tuple(_prepare_site(traces, i, spec, prepared.splits) for i in chosen)
     return FederatedForecastData(
         sites=sites, step_s=traces.step_s, columns=traces.columns,
         left_out=tuple(traces.left_out), left_out_note=traces.left_out_summary(),
     )
+
+
+@lru_cache(maxsize=8)
+def build_site(spec: ForecastSpec, client: int) -> SiteData:
+    """One client's site (what a ClientApp needs): only its windows are cut."""
+    prepared = _prepared(spec)
+    return _prepare_site(prepared.traces, prepared.chosen[client], spec, prepared.splits)
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """Every client's site id and window counts, without cutting any window."""
+
+    site_ids: tuple[str, ...]
+    windows: tuple[tuple[int, int, int], ...]  # (train, val, test) per client
+
+
+def site_layout(spec: ForecastSpec) -> SiteLayout:
+    """Site ids and (train, val, test) window counts of every client (cheap: masks only)."""
+    from fl_datasets.windows import window_ends
+
+    prepared = _prepared(spec)
+    train, val, test = prepared.splits
+    counts = []
+    for i in prepared.chosen:
+        mask = prepared.traces.mask[i]
+        counts.append(tuple(
+            len(window_ends(mask[part], spec.window, spec.horizon)[::stride])
+            for part, stride in ((train, spec.train_stride), (val, spec.train_stride), (test, 1))
+        ))
+    return SiteLayout(tuple(prepared.traces.sites[i] for i in prepared.chosen), tuple(counts))
 
 
 def _prepare_site(traces: TraceSet, i: int, spec: ForecastSpec, splits: tuple[slice, slice, slice]) -> SiteData:

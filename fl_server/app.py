@@ -16,6 +16,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fl_server.experiments import progress
 from fl_server.experiments.config import compose_config
 from fl_server.experiments.experiment import run_experiment
 from fl_server.experiments.tracking import default_tracking_uri
@@ -26,6 +27,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the config from the run-config, then run the experiment."""
+    progress.reset_marks()
+    progress.mark("serverapp_main")  # after the process's and this module's imports
     torch.set_num_threads(1)  # the server shares the CPUs with the clients
     run_config = context.run_config
     cfg = compose_config(

@@ -132,7 +132,7 @@ def federated(cfg: DictConfig, overrides: list[str], parent_run_id: str) -> tupl
     from fl_server.runtime.launch import preflight, run_job
     from scripts.sweep_parent import shared_superlink
 
-    superlink = shared_superlink()
+    superlink = shared_superlink(bool(cfg.simulation.shared_ray))  # one Ray for every seed's run
     preflight(cfg, superlink.cache_dir)
     outcome = run_job(cfg, overrides, superlink, parent_run_id=parent_run_id, console=console)
     if not outcome.ok:

@@ -4,7 +4,7 @@
     python -m scripts.privacy_study --report PARENT_RUN_ID   # rebuild the table and plots
 
 Runs, per seed, real Flower simulations (``flwr run`` through the launcher,
-one SuperLink for the whole study):
+one SuperLink and one private Ray head for the whole study):
 
 * accuracy vs epsilon: DP-SGD on every client (Opacus, target-epsilon mode:
   sigma chosen per client so the whole run spends epsilon, delta = 1e-5) for
@@ -55,7 +55,7 @@ def jobs(seeds: list[int], epsilons: list[float], rounds: int) -> list[tuple[str
     return [(label, [*overrides, f"tracking.run_name=study-{label}"]) for label, overrides in out]
 
 
-def run_study(seeds: list[int], epsilons: list[float], rounds: int, tracking_uri: str) -> str:
+def run_study(seeds: list[int], epsilons: list[float], rounds: int, tracking_uri: str, shared_ray: bool = True) -> str:
     """Run every job as a child of a new parent run; returns the parent's id."""
     parent = RunTracker(tracking_uri, experiment="fedcontinuum", run_name=f"privacy study {time.strftime('%Y-%m-%d %H:%M')}",
                         tags={"fc.kind": "privacy-study"})
@@ -64,7 +64,7 @@ def run_study(seeds: list[int], epsilons: list[float], rounds: int, tracking_uri
     parent.flush()
     console.print(f"[bold]privacy study[/bold] (MLflow parent run {parent.run_id})")
     outcomes: list[JobOutcome] = []
-    with LocalSuperLink() as superlink:
+    with LocalSuperLink(ray_head=shared_ray) as superlink:  # one Ray head for all jobs (Ray's start-up paid once)
         for label, overrides in jobs(seeds, epsilons, rounds):
             try:
                 cfg = compose_config(overrides)
@@ -232,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tracking-uri", default=default_tracking_uri())
     parser.add_argument("--report", metavar="PARENT_RUN_ID", help="only rebuild the report of a finished study")
+    parser.add_argument("--no-shared-ray", action="store_true",
+                        help="every job starts its own Ray (default: one private Ray head for the whole study)")
     args = parser.parse_args(argv)
     if args.report:
         report(args.report, args.tracking_uri)
         return 0
-    parent = run_study(args.seeds, args.epsilons, args.rounds, args.tracking_uri)
+    parent = run_study(args.seeds, args.epsilons, args.rounds, args.tracking_uri, shared_ray=not args.no_shared_ray)
     console.print(f"rebuild with: python -m scripts.privacy_study --report {parent}")
     return 0
 

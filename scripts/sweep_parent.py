@@ -27,12 +27,26 @@ _superlink: LocalSuperLink | None = None
 outcomes: list[JobOutcome] = []
 
 
-def shared_superlink() -> LocalSuperLink:
-    """One SuperLink for all jobs of this process, stopped at the end."""
+def shared_superlink(shared_ray: bool = True) -> LocalSuperLink:
+    """One SuperLink for all jobs of this process, stopped at the end (also on
+    Ctrl-C and SIGTERM: ``atexit``, see :func:`fl_server.runtime.superlink.unwind_on_sigterm`).
+
+    With ``shared_ray`` (``simulation.shared_ray``, the default) it first
+    starts a private Ray head that every job's simulation joins, so Ray's
+    start-up is paid once per sweep; the first call decides.
+    """
     global _superlink
     if _superlink is None:
-        _superlink = LocalSuperLink().start()
-        atexit.register(_stop_superlink)
+        atexit.register(_stop_superlink)  # first: a Ctrl-C while Ray starts still stops it
+        _superlink = LocalSuperLink(ray_head=shared_ray)
+        try:
+            _superlink.start()
+        except BaseException:
+            _stop_superlink()
+            raise
+        if _superlink.ray is not None:
+            console.print(f"Ray head {_superlink.ray.address} started in {_superlink.ray.startup_s:.1f} s: "
+                          "every job's simulation joins it (simulation.shared_ray=false: one Ray per job)")
     return _superlink
 
 

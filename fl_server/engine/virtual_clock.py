@@ -64,6 +64,10 @@ class VirtualClock:
         """True while an update of ``node_id`` is still travelling."""
         return any(a.node_id == node_id for a in self.pending)
 
+    def busy_nodes(self) -> set[int]:
+        """Every node with an update still travelling (one pass, for sampling a large federation)."""
+        return {a.node_id for a in self.pending}
+
     def close_round(self, server_round: int, durations: list[tuple[Message, float]]) -> RoundClose:
         """Place this round's updates (reply, duration in s) on the timeline and
         return everything that arrives before the round ends."""

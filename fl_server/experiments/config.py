@@ -281,6 +281,11 @@ def validate_config(cfg: DictConfig) -> None:
         _is_number(cfg.simulation.round_timeout_s) and cfg.simulation.round_timeout_s > 0,
         f"simulation.round_timeout_s={cfg.simulation.round_timeout_s} is invalid: must be > 0",
     )
+    for key, value in (("simulation.shared_ray", cfg.simulation.shared_ray), ("tracking.profile", cfg.tracking.profile)):
+        _require(isinstance(value, bool), f"{key}={value} is invalid: use true or false")
+    limit = cfg.tracking.per_client_limit
+    _require(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1),
+             f"tracking.per_client_limit={limit} is invalid: use a whole number of clients >= 1, or null (all)")
     from fl_server.experiments import topology  # imports this module
 
     topology.validate(cfg)

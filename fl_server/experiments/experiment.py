@@ -27,13 +27,16 @@ from omegaconf import DictConfig, OmegaConf
 from edgesim.devices import Fleet, is_online
 from fl_common import protocol
 from fl_common.costs import check_memory
+from fl_common.per_client import sample_clients
 from fl_server.engine import fault_handling, protection
 from fl_server.engine.checkpoint import RunCheckpoints
 from fl_server.engine.comm import ReplyRecorder
+from fl_server.engine.per_client import limit_per_client
 from fl_server.engine.rounds import RoundDriver
 from fl_server.engine.virtual_clock import VirtualClock
 from fl_server.experiments import progress
 from fl_server.experiments.config import default_run_name, flatten
+from fl_server.experiments.profiling import RunProfile
 from fl_server.experiments.topology import arrange_strategy, attach_topology, topology_tags
 from fl_server.experiments.tracking import RunTracker
 from strategies import build_strategy
@@ -94,12 +97,14 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
         deferred=True,
         resume_run_id=checkpoints.resume_run_id,
     )
+    profile = RunProfile(bool(cfg.tracking.get("profile", False)))  # tracking.profile: cProfile this thread
     try:
-        return _run_tracked(grid, cfg, tracker, run_name, checkpoints)
+        return _run_tracked(grid, cfg, tracker, run_name, checkpoints, profile)
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"
         progress.emit("failed", reason=reason)
         tracker.log_text(traceback.format_exc(), "failure/traceback.txt")
+        profile.log(tracker)  # a failed run's profile too (up to the failure)
         tracker.fail(reason)
         raise
 
@@ -152,7 +157,7 @@ def checkpoint_then_log(
 
 
 def _run_tracked(
-    grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints
+    grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints, profile: RunProfile,
 ) -> dict[str, float]:
     started = time.perf_counter()
     history = start_tracking(cfg, tracker, checkpoints)
@@ -169,8 +174,12 @@ def _run_tracked(
     else:
         driver_grid = wire
 
+    keep = sample_clients(server.num_clients, cfg.tracking.per_client_limit)  # None: every client
+    keep = None if keep is None else frozenset(keep)
+
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
-        metrics = {**metrics, "elapsed_wall_time_s": time.perf_counter() - started}
+        progress.mark(f"round{server_round}_done" if server_round < 2 else "last_round_done")
+        metrics = {**limit_per_client(metrics, keep), "elapsed_wall_time_s": time.perf_counter() - started}
         if server_round > 0:
             metrics.update(wire.take_round_counts())
         checkpoint_then_log(tracker, checkpoints, driver, history, server_round, metrics)
@@ -178,6 +187,7 @@ def _run_tracked(
             server.after_round(server_round, driver.arrays, tracker)
         progress.emit("round", round=server_round, **{k: metrics[k] for k in server.shown if k in metrics})
 
+    progress.mark("task_ready")  # config, data, model, tracker set-up queued
     driver_cls, driver_extra = protection.round_driver(cfg, server.client_sizes)  # SecAgg+ or plain
     strategy = protection.protect_strategy(build_strategy(cfg, server.public_scorer()), cfg)
     driver = driver_cls(
@@ -199,7 +209,12 @@ def _run_tracked(
     final.update(server.report(tracker, history, final_arrays, run_name))
     final["wall_time_s"] = time.perf_counter() - started
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=int(cfg.num_rounds))
+    profile.log(tracker)
     tracker.finish()
+    progress.mark("tracking_finished")
+    for name, at in driver.marks.items():
+        progress.mark(name, at)
+    progress.emit("timeline", **progress.timeline())
     progress.emit("finished", mlflow_run_id=tracker.run_id, **final)
     return final
 

@@ -231,6 +231,17 @@ class RunTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._submit(lambda: self.client.log_text(self.run_id, text, artifact_file))
 
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """Log ``data`` as the artifact ``artifact_file`` (e.g. ``profile/server.pstats``)."""
+
+        def log() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                path.write_bytes(data)
+                self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+
+        self._submit(log)
+
     def log_figure(self, make_figure: Callable[[], Any], artifact_file: str) -> None:
         """Queue ``make_figure()`` (it runs on the tracker's thread) and log it."""
 

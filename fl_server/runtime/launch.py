@@ -1,6 +1,6 @@
 """Run one experiment with ``flwr run`` on a local simulation, robustly.
 
-    python -m fl_server.launch [HYDRA_OVERRIDE ...] [--verbose] [--show-config]
+    python -m fl_server.launch [HYDRA_OVERRIDE ...] [--verbose] [--show-config] [--profile]
 
 What this adds around ``flwr run . --stream``:
 
@@ -45,6 +45,9 @@ from fl_server.experiments.config import (
 from fl_server.runtime.superlink import CONNECTION, LocalSuperLink, SuperLinkError
 
 LOG_DIR = PROJECT_DIR / "outputs" / "launch"
+# Set to a file: every finished job appends its outcome there as one JSON line
+# (timings included); benchmarks and batch tooling read it.
+OUTCOME_LOG_ENV = "FEDCONTINUUM_OUTCOME_LOG"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 # What the Flower app consists of; nothing else goes into its FAB.
 APP_PARTS = ("fl_server", "fl_clients", "fl_common", "tasks", "fl_datasets", "strategies", "conf", "edgesim")
@@ -65,6 +68,18 @@ class JobOutcome:
     wall_time_s: float = 0.0
     log_path: Path | None = None
     reason: str = ""
+    timeline: dict[str, float] = field(default_factory=dict)  # the ServerApp's start-up marks (epoch s)
+    began_at: float = float("nan")  # epoch s: the job began (launcher: after its imports; sweep: Hydra job)
+    submitted_at: float = float("nan")  # epoch s: `flwr run` launched
+    started_at: float = float("nan")  # epoch s: "Successfully started run" seen
+    ended_at: float = float("nan")  # epoch s: the `flwr run` stream ended
+    settled_at: float = float("nan")  # epoch s: final status known
+
+    def to_json(self) -> str:
+        import dataclasses
+        import json
+
+        return json.dumps({**dataclasses.asdict(self), "log_path": str(self.log_path or "")}, default=str)
 
 
 def preflight(cfg: DictConfig, cache_dir: Path | None = None) -> None:
@@ -143,14 +158,18 @@ def run_job(
     parent_run_id: str | None = None,
     console: Console | None = None,
     verbose: bool = False,
+    began_at: float | None = None,
 ) -> JobOutcome:
-    """Submit one run to ``superlink``, follow it to the end, check its status."""
+    """Submit one run to ``superlink``, follow it to the end, check its status.
+
+    ``began_at`` (epoch s) is when the job began, for its timings (default: now)."""
     console = console or Console()
     tracking_uri = tracking_uri or default_tracking_uri()
     run_name = default_run_name(cfg)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{datetime.now():%Y%m%d-%H%M%S}-{run_name}.log"
-    outcome = JobOutcome(ok=False, status="not started", run_name=run_name, log_path=log_path)
+    outcome = JobOutcome(ok=False, status="not started", run_name=run_name, log_path=log_path,
+                         began_at=time.time() if began_at is None else began_at)
     command = superlink.flwr(
         "run",
         str(stage_app(superlink.home / "app")),
@@ -161,6 +180,7 @@ def run_job(
         *run_config(overrides, tracking_uri, parent_run_id),
     )
     started = time.perf_counter()
+    outcome.submitted_at = time.time()
     with log_path.open("w") as log, _progress(console) as bar:
         task = bar.add_task(run_name, total=int(cfg.num_rounds), status="submitting…")
         proc = subprocess.Popen(
@@ -179,9 +199,22 @@ def run_job(
                 bar.console.print(line.rstrip(), markup=False, highlight=False)
             _follow(line, outcome, bar, task)
         proc.wait()
+    outcome.ended_at = time.time()
     outcome.wall_time_s = time.perf_counter() - started
     _settle(outcome, superlink, tracking_uri, proc.returncode)
+    outcome.settled_at = time.time()
+    record_outcome(outcome)
     return outcome
+
+
+def record_outcome(outcome: JobOutcome) -> None:
+    """Append ``outcome`` to ``$FEDCONTINUUM_OUTCOME_LOG`` (one JSON line), if set."""
+    import os
+
+    path = os.environ.get(OUTCOME_LOG_ENV)
+    if path:
+        with open(path, "a") as log:
+            log.write(outcome.to_json() + "\n")
 
 
 def _progress(console: Console) -> Progress:
@@ -199,6 +232,7 @@ def _progress(console: Console) -> Progress:
 def _follow(line: str, outcome: JobOutcome, bar: Progress, task: Any) -> None:
     if outcome.flower_run_id is None and (match := _RUN_ID.search(line)):
         outcome.flower_run_id = int(match.group(1))
+        outcome.started_at = time.time()
         bar.update(task, status="starting Ray…")
     event = progress.parse(line)
     if event is None:
@@ -216,6 +250,8 @@ def _follow(line: str, outcome: JobOutcome, bar: Progress, task: Any) -> None:
         outcome.final = {k: v for k, v in event.items() if k != "mlflow_run_id"}
     elif kind == "failed":
         outcome.reason = event.get("reason", "")
+    elif kind == "timeline":
+        outcome.timeline = event
 
 
 def _headline(event: dict[str, Any]) -> str:
@@ -318,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=fedavgm partition.rho=10")
     parser.add_argument("--verbose", action="store_true", help="echo Flower's and Ray's full log")
     parser.add_argument("--show-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the ServerApp's run (= tracking.profile=true): MLflow artifacts "
+                             "profile/server.pstats and profile/server_top.txt")
     args = parser.parse_args(argv)
+    if args.profile:
+        args.overrides = [o for o in args.overrides if not o.startswith("tracking.profile=")] + ["tracking.profile=true"]
+    began_at = time.time()
     console = Console()
     try:
         cfg = compose_config(args.overrides)
@@ -338,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
             return 2
         superlink.wait_until_ready()
-        outcome = run_job(cfg, args.overrides, superlink, tracking_uri=tracking_uri, console=console, verbose=args.verbose)
+        outcome = run_job(cfg, args.overrides, superlink, tracking_uri=tracking_uri, console=console, verbose=args.verbose,
+                          began_at=began_at)
     except SuperLinkError as err:
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
         return 1

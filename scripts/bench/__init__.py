@@ -1,1 +1,1 @@
-"""Benchmarks run as modules: ``python -m scripts.bench.aggregation``."""
+"""Benchmarks that print ratios measured in one run (no timed tests): ``python -m scripts.bench.<name>``."""

@@ -85,6 +85,9 @@ class ForecastTask(Task):
                f"task.optimizer.lr={task.optimizer.lr} is invalid: the learning rate must be > 0")
         _check(isinstance(task.optimizer.batch_size, int) and task.optimizer.batch_size >= 1,
                f"task.optimizer.batch_size={task.optimizer.batch_size} is invalid: use an integer >= 1")
+        eval_sites = task.get("eval_sites")
+        _check(eval_sites is None or (isinstance(eval_sites, int) and not isinstance(eval_sites, bool) and eval_sites >= 1),
+               f"task.eval_sites={eval_sites} is invalid: use a whole number of sites >= 1, or null (every site)")
         _check(task.site_selection in SITE_SELECTIONS,
                f"task.site_selection={task.site_selection} is unknown: use {' or '.join(SITE_SELECTIONS)}")
         _check(task.synthetic.kind in SYNTHETIC_KINDS,
@@ -112,9 +115,9 @@ class ForecastTask(Task):
         return f"{cfg.task.name}-{cfg.task.model}{personal}-{cfg.strategy.name}-n{cfg.clients.num}-s{cfg.seed}"
 
     def prepare(self, cfg: DictConfig, tracking_uri: str) -> None:
-        from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
+        from fl_datasets.forecast_data import ForecastSpec, build_site
 
-        build_forecast_data(ForecastSpec.from_config(cfg))  # also caches parsed traces
+        build_site(ForecastSpec.from_config(cfg), 0)  # checks series, split and selection; caches parsed traces
 
     def summary_columns(self) -> dict[str, str]:
         return {"MASE": "test_mase", "MAE": "test_mae", "sMAPE %": "test_smape",
@@ -198,10 +201,10 @@ def _deployed(settings: dict, received: dict, run: ClientRound) -> dict:
 
 
 def _site(run: ClientRound) -> tuple[ForecastSpec, dict, SiteData]:
-    from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
+    from fl_datasets.forecast_data import ForecastSpec, build_site
 
     spec = ForecastSpec.from_json(str(run.config[SPEC_KEY]))
-    return spec, json.loads(str(run.config[MODEL_KEY])), build_forecast_data(spec).sites[run.partition_id]
+    return spec, json.loads(str(run.config[MODEL_KEY])), build_site(spec, run.partition_id)  # only its own windows
 
 
 def _forecaster(spec: ForecastSpec, settings: dict, state: dict) -> torch.nn.Module:

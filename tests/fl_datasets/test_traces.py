@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
+from fl_datasets.forecast_data import ForecastSpec, build_forecast_data, clear_caches
 from fl_datasets.synthetic import synthetic_workload
 from fl_datasets.traces import (
     COLUMNS,
@@ -276,7 +276,7 @@ def test_left_out_report_reaches_the_forecast_data_through_the_cache(tmp_path, m
     spec = ForecastSpec(num_clients=3, window=4, horizon=2, season=4, trace_dir=str(month), train_stride=1)
     # Execute
     parsed = build_forecast_data(spec)
-    build_forecast_data.cache_clear()
+    clear_caches()
     cached = build_forecast_data(spec)
     # Assert
     for data in (parsed, cached):

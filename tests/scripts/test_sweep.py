@@ -6,10 +6,18 @@ availability and a round deadline so that stale updates occur."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_module, sqlite_uri
+from fl_server.runtime.superlink import descendants
+from tests.conftest import PROJECT_DIR, run_module, sqlite_uri
 
 pytestmark = pytest.mark.e2e
 
@@ -46,3 +54,55 @@ def test_multirun_groups_children_under_one_parent(tmp_path):
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/summary.md", "report/accuracy_vs_rho.png"} <= report
     assert "staleness_clustered" in result.stdout  # the printed summary
+
+
+def _commands(pids) -> dict[int, str]:
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            pass
+    return found
+
+
+def test_a_terminated_sweep_stops_its_superlink_ray_head_simulation_and_actors(tmp_path):
+    """SIGTERM (timeout, kill, a scheduler) in the middle of a shared-Ray sweep job leaves nothing running."""
+    # Prepare: a sweep whose first job runs long enough to be caught mid-run
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "scripts.sweep", "--multirun", "num_rounds=200", "clients.num=2", "seed=0,1",
+         f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+        cwd=PROJECT_DIR, env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri(tmp_path)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            started = _commands(descendants(sweep.pid))
+            if any(c.startswith("ray::ClientAppActor") for c in started.values()):
+                break  # the job's actors run in the sweep's Ray head
+            time.sleep(0.5)
+        assert any("ray start --head" in c for c in started.values()), started
+        assert any("flwr-simulation" in c for c in started.values()), started
+        assert any(c.startswith("ray::ClientAppActor") for c in started.values()), started
+        (head,) = [pid for pid, c in started.items() if "ray start --head" in c]
+        under_head = descendants(head)
+        assert any(c.startswith("ray::ClientAppActor") for c in _commands(under_head).values())  # it joined the head
+        assert not any("gcs_server" in c for pid, c in started.items() if pid not in under_head)  # and has no Ray of its own
+        # Execute
+        sweep.send_signal(signal.SIGTERM)
+        code = sweep.wait(timeout=90)
+        # Assert: exit 128 + SIGTERM; none of the processes it had started lives on
+        assert code == 128 + signal.SIGTERM
+        time.sleep(1)
+        alive = {pid: c for pid, c in _commands(started).items() if c == started[pid]}
+        assert not alive, alive
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        for pid, command in _commands(started).items():
+            if command == started.get(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

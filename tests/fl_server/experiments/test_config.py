@@ -27,6 +27,8 @@ BAD_INPUTS = [
     (["strategy=ass", "strategy.floor=1"], "strategy.floor=1 is invalid"),
     (["clients.num=4", "clients.min_train=5"], "clients.min_train=5 is invalid"),
     (["simulation.cpus_per_client=0.5"], "simulation.cpus_per_client=0.5 is invalid"),
+    (["simulation.shared_ray=maybe"], "simulation.shared_ray=maybe is invalid: use true or false"),
+    (["tracking.profile=1"], "tracking.profile=1 is invalid: use true or false"),
 ]
 
 
@@ -86,3 +88,12 @@ def test_rl_tasks_default_to_fedavgm_unless_a_strategy_is_given():
     assert compose_config(["task=ppo"]).strategy.server_momentum == 0.9
     assert compose_config(["task=ppo", "strategy=staleness_clustered"]).strategy.name == "staleness_clustered"
     assert compose_config([]).strategy.name == "fedavg"  # image tasks keep FedAvg
+
+
+def test_launcher_profile_flag_is_the_tracking_profile_key(capsys):
+    from fl_server.runtime.launch import main
+
+    assert main(["--profile", "--show-config", "num_rounds=1"]) == 0
+    shown = capsys.readouterr().out
+    assert "profile: true" in shown and "num_rounds: 1" in shown
+    assert compose_config([]).tracking.profile is False  # off unless asked

@@ -3,6 +3,9 @@ real MLflow store, driven through a fake Grid (no Ray): fast and exact."""
 
 from __future__ import annotations
 
+import pstats
+from pathlib import Path
+
 import pytest
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
@@ -10,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from fl_clients import app as client_app
 from fl_server.experiments.config import compose_config
 from fl_server.experiments.experiment import run_experiment
+from tests.conftest import persistent_clients
 from tests.fake_grid import FakeGrid
 
 FAST = ["num_rounds=2", "clients.num=4", "seed=1"]
@@ -65,6 +69,26 @@ def test_experiment_logs_every_round_params_and_artifacts(tracking_uri):
     assert {"plots/accuracy_vs_round.png", "model/final_state_dict.pt",
             "metrics/rounds.csv", "data/client_class_counts.csv"} <= artifacts
     assert run.data.tags["strategy"] == "fedavg" and run.data.tags["rho"] == "1"
+    assert not client.list_artifacts(run.info.run_id, "profile")  # tracking.profile is off by default
+
+
+def test_tracking_profile_logs_a_pstats_profile_of_the_serverapp_run(tracking_uri, tmp_path):
+    # Prepare: the real ClientApp behind a fake Grid, 1 round, profiling on
+    cfg = compose_config(["num_rounds=1", "clients.num=2", "seed=1", "tracking.profile=true",
+                          "tracking.log_model=false", f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    grid, _ = persistent_clients(2)
+    # Execute
+    run_experiment(grid, cfg, tracking_uri)
+    # Assert: both artefacts, a loadable pstats file covering the rounds, a readable summary
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "profile")} == {
+        "profile/server.pstats", "profile/server_top.txt"}
+    local = Path(client.download_artifacts(run.info.run_id, "profile", str(tmp_path)))
+    stats = pstats.Stats(str(local / "server.pstats"))
+    assert {"run_round", "discover_partitions"} <= {name for (_, _, name) in stats.stats}
+    top = (local / "server_top.txt").read_text()
+    assert "by cumulative time" in top and "by own time" in top and "run_round" in top
 
 
 def test_failed_clients_are_counted_and_the_round_goes_on(tracking_uri):

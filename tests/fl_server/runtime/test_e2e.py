@@ -58,6 +58,18 @@ def test_superlink_and_its_children_are_stopped_by_pid():
     assert not home.exists()  # its FLWR_HOME is cleaned up
 
 
+def test_a_ray_head_starts_with_the_superlink_and_is_stopped_by_pid_with_its_temp_dir():
+    with LocalSuperLink(ray_head=True) as superlink:
+        head = superlink.ray
+        assert head is not None and superlink.env["RAY_ADDRESS"] == head.address  # every simulation joins it
+        temp = head.temp_dir
+        assert temp.is_dir() and processes_mentioning(str(temp))  # GCS, raylet, ... run with its temp dir
+        assert head.job_workers() == []  # no job yet: no actors
+    assert not processes_mentioning(str(temp))  # all stopped ...
+    assert not temp.exists()  # ... and its temp dir removed
+    assert "RAY_ADDRESS" not in superlink.env
+
+
 def test_a_terminated_launcher_stops_its_superlink_and_simulation(tmp_path):
     """SIGTERM (timeout, kill, a scheduler) must not orphan the SuperLink, the simulation or Ray."""
     # Prepare: a real launcher run; its SuperLink writes .flwr/superlink-<port>/superlink.pid

@@ -10,7 +10,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
 
 from fl_clients import app as client_app
-from fl_datasets.forecast_data import ForecastSpec, build_forecast_data
+from fl_datasets.forecast_data import ForecastSpec, build_forecast_data, build_site, clear_caches, site_layout
 from fl_datasets.traces import TraceError
 from fl_server.experiments.config import ConfigError, compose_config
 from fl_server.experiments.experiment import run_experiment
@@ -54,7 +54,7 @@ def test_same_spec_same_arrays_and_the_trace_cache_round_trips(monkeypatch, tmp_
     monkeypatch.setenv("FEDCONTINUUM_CACHE_DIR", str(tmp_path))
     spec = small_spec(trace_dir=str(GWA_DIR), window=288, horizon=12, season=288, train_stride=64)
     parsed = build_forecast_data(spec)  # parses the CSV files, writes the cache
-    build_forecast_data.cache_clear()
+    clear_caches()
     cached = build_forecast_data(spec)  # reads the npz
     assert list(tmp_path.glob("traces-*.npz"))
     assert parsed.site_ids() == cached.site_ids() == ["306", "392", "407"]  # the 3 busiest VMs
@@ -149,6 +149,22 @@ def test_federated_forecasting_logs_per_site_and_overall_metrics_every_round(tra
     artifacts = {a.path for d in ("report", "plots", "data") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"report/site_metrics.md", "plots/mase_vs_round.png", "plots/test_forecasts.png",
             "data/client_sites.csv", "data/client_devices.csv"} <= artifacts
+
+
+def test_a_client_cuts_only_its_own_sites_windows_and_they_equal_the_full_views():
+    spec = small_spec(num_clients=4)
+    full = build_forecast_data(spec)
+    for client in (0, 3):
+        own = build_site(spec, client)
+        assert own.site == full.sites[client].site
+        for split in ("train", "val", "test"):
+            for a, b in zip(getattr(own, split), getattr(full.sites[client], split)):
+                np.testing.assert_array_equal(a, b)
+    layout = site_layout(spec)  # counts without cutting windows
+    assert layout.site_ids == tuple(full.site_ids())
+    assert layout.windows == tuple((len(s.train[0]), len(s.val[0]), len(s.test[0])) for s in full.sites)
+    subset = build_forecast_data(spec, (1, 3))
+    assert subset.site_ids() == ["1", "3"]
 
 
 def test_forecasting_with_fedavgm_and_an_lstm_runs(tracking_uri):
