@@ -214,7 +214,8 @@ def curve_figure(data: dict) -> object:
             y = np.nanmean(d[metric], axis=0)
             backhaul = np.nancumsum(np.nan_to_num(d["backhaul_up_bytes"]) + np.nan_to_num(d["backhaul_down_bytes"]), axis=1)
             axes[row, 0].plot(backhaul.mean(axis=0) / 1e6, y, marker="o", label=TITLES.get(arm, arm))
-            axes[row, 1].plot(np.nanmean(d["virtual_time_s"], axis=0), y, marker="o", label=TITLES.get(arm, arm))
+            clock = np.nan_to_num(d["virtual_time_s"])  # round 0 (before training) has no virtual time: 0
+            axes[row, 1].plot(clock.mean(axis=0), y, marker="o", label=TITLES.get(arm, arm))
         axes[row, 0].set_xlabel("cumulative backhaul MB (up + down)")
         axes[row, 1].set_xlabel("virtual time (s)")
         for ax in axes[row]:
