@@ -22,8 +22,10 @@ Per request (all times virtual, from the device profiles):
 * **latency** = listening + queueing + edge compute [+ uplink + cloud compute
   + downlink, + timeouts];
 * **energy** (the platform's cost model, :func:`edgesim.devices.round_cost`):
-  edge active power x edge compute + edge idle power x time on the link, plus
-  the cloud's active power x cloud compute. Listening is not charged.
+  edge active power x the inference's own compute time (FLOPs / (peak x
+  utilisation): the co-located load stretches the latency, not the work) +
+  edge idle power x time on the link, plus the cloud's active power x cloud
+  compute. Listening is not charged.
 
 The network trigger reads a heartbeat: every ``probe_s`` each site times one
 unit task's exchange (jitter and loss drawn like a request's); the policy
@@ -67,7 +69,7 @@ class StreamSettings:
     """
 
     rate_rps: float = 2.0
-    load_profile: str = "medium"
+    load_profile: str = "high"
     load_step_s: float = 10.0
     request_bytes: int = 784
     response_bytes: int = 64
@@ -144,7 +146,8 @@ class Endpoints:
     edge_flops: float
     cloud_flops: float
 
-    def edge_compute_s(self, site: int, cpu_load: float) -> float:
+    def edge_compute_s(self, site: int, cpu_load: float = 0.0) -> float:
+        """Edge inference time with the CPU share the co-located load leaves (0: the whole device)."""
         share = max(1.0 - cpu_load, MIN_CPU_SHARE)
         return self.edge_flops / (self.sites[site].peak_tflops * 1e12 * self.fleet.utilisation * share)
 
@@ -354,13 +357,14 @@ def serve(settings: PolicySettings, stream: Stream, endpoints: Endpoints, confid
             t = wake
         out["listen_s"][r] = t - arrival
         blocked[r] = BLOCK_CODE[block] if route is Route.EDGE else 0
-        link_s, edge_s, done = 0.0, 0.0, None
+        link_s, edge_s, work_s, done = 0.0, 0.0, 0.0, None
         if route is Route.CLOUD:
             done, link_s = _offload(stream, r, t, flags, out)
             t = done if done is not None else t + link_s
         if done is None:  # edge inference: the first choice, or the fallback after a failed exchange
             start = max(t, free_at[site])
             edge_s = endpoints.edge_compute_s(site, stream.load(site, start)[0])
+            work_s = endpoints.edge_compute_s(site)  # what the inference itself keeps the device busy for
             t = free_at[site] = start + edge_s
             pending[site].append(t)
             if route is Route.EDGE:
@@ -376,7 +380,7 @@ def serve(settings: PolicySettings, stream: Stream, endpoints: Endpoints, confid
             out["cloud_j"][r] = cloud_w * cloud_s
         out["latency_s"][r] = t - arrival
         profile = endpoints.sites[site]
-        out["edge_j"][r] = profile.active_w * edge_s + profile.idle_w * link_s
+        out["edge_j"][r] = profile.active_w * work_s + profile.idle_w * link_s
     return Served(blocked=blocked, **out, **flags)
 
 

@@ -193,3 +193,9 @@ def test_summary_splits_edge_and_cloud_accuracy_by_offloaded_and_kept_requests()
     assert figures["edge_acc_kept"] == 1.0 and figures["edge_acc_offloaded"] == 0.0
     assert figures["cloud_acc_offloaded"] == 0.5 and figures["cloud_acc_kept"] == 1.0
     assert figures["accuracy"] == 0.75  # the edge's two right answers, the cloud's one
+
+
+def test_colocated_load_stretches_latency_but_not_the_inference_energy():
+    served = serve(PolicySettings(mode="edge"), stream_of([1.0], cpu=0.75), ENDPOINTS, confidence=np.array([0.95]))
+    assert served.latency_s[0] == pytest.approx(4 * EDGE_S, abs=1e-12)
+    assert served.edge_j[0] == pytest.approx(10 * EDGE_S, abs=1e-12)
