@@ -1,13 +1,16 @@
 """Offload study: accuracy vs latency vs energy vs fraction offloaded as θ_c sweeps.
 
-    python -m scripts.offload_study [--datasets mnist breastmnist] [--seeds 0 1 2] [--rounds 6]
-        [--clients 10] [--rho 10] [--load-profile low|medium|high] [--thetas 0.5 0.6 ... 0.99] [--repeats 3]
+    python -m scripts.offload_study [--datasets mnist breastmnist] [--seeds 0 1 2] [--rounds 8]
+        [--local-epochs 3] [--clients 10] [--rho mnist=10 breastmnist=1] [--load-profile low|medium|high]
+        [--thetas 0.5 0.6 ... 0.99] [--repeats 3]
         [--experiment fedcontinuum-offload-study] [extra Hydra overrides ...]
     python -m scripts.offload_study --report PARENT_RUN_ID   # rebuild the tables and plots
 
-Runs, per data set (MNIST 5k, BreastMNIST, both long-tailed by ``--rho``)
-and seed, two real Flower simulations of ``task=offload`` (through the
-launcher, one SuperLink for the whole study): the hard-case cache on (the
+Runs, per data set and seed (MNIST 5k long-tailed to ρ = 10; BreastMNIST
+at its own 27/73 imbalance, ρ = 1: the long-tail subsampler makes class 0 the
+head, which on BreastMNIST would invert the imbalance to benign 1 : 10),
+two real Flower simulations of ``task=offload`` (through the launcher, one
+SuperLink for the whole study): the hard-case cache on (the
 task as configured) and off, at the same number of rounds. Every run ends
 with its final study on the final edge and cloud models: edge-only,
 cloud-only, confidence-gated and confidence + load-gated policies, θ_c over
@@ -34,10 +37,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from fl_server.experiments.config import ConfigError, compose_config
 from fl_server.experiments.tracking import PARENT_TAG, RunTracker, default_tracking_uri
-from fl_server.runtime.launch import JobOutcome, preflight, run_job, summary_table
-from fl_server.runtime.superlink import LocalSuperLink
+from scripts.study_runs import close_parent, run_jobs
 
 console = Console()
 TASKS = {"mnist": "offload", "breastmnist": "offload-breastmnist"}
@@ -63,7 +64,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                 label = f"{data}-s{seed}-cache-{cache}"
                 out.append((label, [
                     f"task={TASKS[data]}", f"seed={seed}", f"num_rounds={args.rounds}", f"clients.num={args.clients}",
-                    f"partition.rho={args.rho:g}", f"task.hard_cases.enabled={'true' if cache == 'on' else 'false'}",
+                    f"train.local_epochs={args.local_epochs}", f"partition.rho={args.rho.get(data, 1.0):g}",
+                    f"task.hard_cases.enabled={'true' if cache == 'on' else 'false'}",
                     *([f"task.stream.load_profile={args.load_profile}"] if args.load_profile else []), f"task.thetas={thetas}",
                     f"task.final_repeats={args.repeats}", f"tracking.experiment={args.experiment}",
                     f"tracking.run_name=offload-study-{label}", *args.overrides,
@@ -76,36 +78,17 @@ def run_study(args: argparse.Namespace, tracking_uri: str) -> str:
     parent = RunTracker(tracking_uri, experiment=args.experiment, run_name=f"offload study {time.strftime('%Y-%m-%d %H:%M')}",
                         tags={"fc.kind": "offload-study"})
     parent.log_params({"command": args.command, "datasets": " ".join(args.datasets), "seeds": " ".join(map(str, args.seeds)),
-                       "num_rounds": args.rounds, "clients": args.clients, "rho": args.rho,
+                       "num_rounds": args.rounds, "local_epochs": args.local_epochs, "clients": args.clients,
+                       "rho": " ".join(f"{d}={r:g}" for d, r in args.rho.items()),
                        "load_profile": args.load_profile or "task default", "thetas": " ".join(f"{t:g}" for t in args.thetas),
                        "repeats": args.repeats})
     parent.flush()
     console.print(f"[bold]offload study[/bold] (MLflow parent run {parent.run_id})")
-    outcomes: list[JobOutcome] = []
-    planned = jobs(args)
     started = time.perf_counter()
-    with LocalSuperLink() as superlink:
-        for number, (label, overrides) in enumerate(planned, start=1):
-            console.print(f"[bold]job {number}/{len(planned)}[/bold] {label}  "
-                          f"({time.perf_counter() - started:.0f} s so far)")
-            try:
-                cfg = compose_config(overrides)
-                preflight(cfg, superlink.cache_dir)
-            except (ConfigError, ValueError) as err:
-                console.print(f"[red]error:[/red] {label}: {err}")
-                outcomes.append(JobOutcome(ok=False, status="invalid config", run_name=label, reason=str(err)))
-                continue
-            outcomes.append(run_job(cfg, overrides, superlink, tracking_uri=tracking_uri,
-                                    parent_run_id=parent.run_id, console=console))
-    console.print(summary_table(outcomes))
-    failed = [o for o in outcomes if not o.ok]
-    client = MlflowClient(tracking_uri)
-    client.log_metric(parent.run_id, "study_wall_time_s", time.perf_counter() - started)
+    outcomes = run_jobs(jobs(args), parent.run_id, tracking_uri, console)
+    MlflowClient(tracking_uri).log_metric(parent.run_id, "study_wall_time_s", time.perf_counter() - started)
     report(parent.run_id, tracking_uri, command=args.command)
-    if failed:
-        client.set_tag(parent.run_id, "fc.failure_reason", "; ".join(f"{o.run_name}: {o.status}" for o in failed)[:5000])
-    parent.flush()
-    client.set_terminated(parent.run_id, status="FAILED" if failed else "FINISHED")
+    close_parent(parent, outcomes)
     return parent.run_id
 
 
@@ -288,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rho", type=float, default=10.0, help="long-tail ratio n_max / n_min of the clients' pool")
+    parser.add_argument("--rho", nargs="+", default=["mnist=10", "breastmnist=1"], metavar="DATA=RHO",
+                        help="long-tail ratio n_max / n_min of the clients' pool per data set (default: mnist=10 breastmnist=1)")
     parser.add_argument("--load-profile", default=None, choices=("low", "medium", "high"),
                         help="co-located load of the edge devices (default: task.stream.load_profile, high)")
     parser.add_argument("--thetas", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
@@ -300,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", metavar="PARENT_RUN_ID", help="only rebuild the report of a finished study")
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides for every job")
     args = parser.parse_args(argv)
-    args.command = "python -m scripts.offload_study " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                              else sys.argv[1:]))
+    try:
+        args.rho = {data: float(value) for data, _, value in (item.partition("=") for item in args.rho)}
+    except ValueError:
+        parser.error(f"--rho takes DATA=RHO pairs, e.g. mnist=10 breastmnist=1; got {' '.join(args.rho)}")
+    given = sys.argv[1:] if argv is None else argv
+    args.command = " ".join(["python -m scripts.offload_study", *(shlex.quote(a) for a in given)])
     if args.report:
         report(args.report, args.tracking_uri)
         return 0

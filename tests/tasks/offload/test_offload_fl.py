@@ -10,9 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fl_server.experiments.config import ConfigError, compose_config
-from fl_server.experiments.experiment import run_experiment
 from tasks.offload.hard_cases import STATE_KEY
-from tests.conftest import persistent_clients, requires_breastmnist, run_module
+from tests.conftest import requires_breastmnist, run_in_process, run_module
 
 SMALL = ["task=offload", "clients.num=3", "task.cloud_per_class=20", "task.cloud.epochs=2", "task.thetas=[0.5,0.9]",
          "task.final_repeats=1", "seed=1", "tracking.log_model=false"]
@@ -20,16 +19,7 @@ SMALL = ["task=offload", "clients.num=3", "task.cloud_per_class=20", "task.cloud
 
 def run(tracking_uri, tmp_path, *overrides: str, rounds: int = 2):
     """One experiment; returns (per-round metric values, run id, the clients' Contexts)."""
-    cfg = compose_config([*SMALL, *overrides, f"num_rounds={rounds}", f"checkpoint.dir={tmp_path / 'ckpt'}"])
-    grid, contexts = persistent_clients(int(cfg.clients.num))
-    run_experiment(grid, cfg, tracking_uri)
-    client = MlflowClient(tracking_uri)
-    (latest, *_) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                      order_by=["attributes.start_time DESC"])
-    assert latest.info.status == "FINISHED"
-    metrics = {key: [m.value for m in sorted(client.get_metric_history(latest.info.run_id, key), key=lambda m: m.step)]
-               for key in latest.data.metrics}
-    return metrics, latest.info.run_id, contexts
+    return run_in_process(tracking_uri, [*SMALL, *overrides, f"num_rounds={rounds}", f"checkpoint.dir={tmp_path / 'ckpt'}"])
 
 
 def test_the_closed_loop_logs_offloading_per_round_and_caches_hard_cases_on_the_clients(tracking_uri, tmp_path):
