@@ -66,6 +66,11 @@ def test_without_the_cache_the_first_round_is_the_same_and_nothing_is_kept(track
     assert cached["vc_compute_s"][0] > plain["vc_compute_s"][0]
 
 
+def test_dp_sgd_trains_the_edge_model_once_the_cache_is_off(tracking_uri, tmp_path):
+    metrics, _, _ = run(tracking_uri, tmp_path, "privacy=dpsgd", "task.hard_cases.enabled=false", rounds=1)
+    assert metrics["epsilon_max"][0] > 0 and len(metrics["offload_fraction"]) == 2
+
+
 @requires_breastmnist
 def test_breastmnist_runs_with_its_own_cloud_split(tracking_uri, tmp_path):
     metrics, _, _ = run(tracking_uri, tmp_path, "task=offload-breastmnist", "task.cloud_per_class=20", rounds=1)
