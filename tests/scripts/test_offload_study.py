@@ -10,9 +10,10 @@ import pytest
 
 from fl_server.experiments.config import compose_config
 from scripts.offload_study import MEASURES, closed_loop_table, curve_table, fault_table, jobs, main, summarise
+from tests.conftest import requires_breastmnist
 
 
-def test_every_job_is_a_valid_config_with_both_cache_arms():
+def planned_jobs() -> dict[str, list[str]]:
     import argparse
 
     args = argparse.Namespace(datasets=["mnist", "breastmnist"], seeds=[0, 1, 2], rounds=8, local_epochs=3, clients=10,
@@ -20,10 +21,20 @@ def test_every_job_is_a_valid_config_with_both_cache_arms():
                               experiment="x", overrides=[])
     planned = jobs(args)
     assert len(planned) == 2 * 3 * 2
-    cfg = compose_config(dict(planned)["breastmnist-s2-cache-off"])
-    assert cfg.task.name == "offload-breastmnist" and cfg.seed == 2 and not cfg.task.hard_cases.enabled
-    assert cfg.partition.rho == 1.0 and list(cfg.task.thetas) == [0.5, 0.99] and cfg.train.local_epochs == 3
-    assert compose_config(dict(planned)["mnist-s0-cache-on"]).partition.rho == 10.0
+    return dict(planned)
+
+
+def test_every_job_is_a_valid_config_with_both_cache_arms():
+    cfg = compose_config(planned_jobs()["mnist-s2-cache-off"])
+    assert cfg.task.name == "offload" and cfg.seed == 2 and not cfg.task.hard_cases.enabled
+    assert cfg.partition.rho == 10.0 and list(cfg.task.thetas) == [0.5, 0.99] and cfg.train.local_epochs == 3
+    assert compose_config(planned_jobs()["mnist-s0-cache-on"]).task.hard_cases.enabled
+
+
+@requires_breastmnist
+def test_breastmnist_jobs_keep_its_own_imbalance():
+    cfg = compose_config(planned_jobs()["breastmnist-s1-cache-on"])
+    assert cfg.task.name == "offload-breastmnist" and cfg.partition.rho == 1.0
 
 
 def test_bad_rho_pairs_are_refused_by_the_command_line(capsys):
