@@ -34,12 +34,12 @@ from tasks.offload.policy import check, number
 class CloudSettings:
     """``task.cloud``: the cloud model, its central training and its device."""
 
-    model: str = "cnn-wide"
-    epochs: int = 10
-    lr: float = 0.02
-    momentum: float = 0.9
-    batch_size: int = 32
-    device: str = "cloud-gpu"
+    model: str
+    epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+    device: str
 
     def validate(self, where: str = "task.cloud") -> None:
         check(self.model in MODELS, f"{where}.model={self.model} is unknown: choose one of {', '.join(MODELS)}")

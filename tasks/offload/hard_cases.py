@@ -42,9 +42,9 @@ class HardCaseSettings:
         At most this share of the partition is cached, lowest confidence first.
     """
 
-    enabled: bool = True
-    boost: float = 3.0
-    max_fraction: float = 0.5
+    enabled: bool
+    boost: float
+    max_fraction: float
 
     def validate(self, where: str = "task.hard_cases") -> None:
         check(isinstance(self.enabled, bool), f"{where}.enabled={self.enabled} is invalid: use true or false")

@@ -74,13 +74,13 @@ class PolicySettings:
         The longest a request listens; then it is inferred at the edge anyway.
     """
 
-    mode: str = "confidence+load"
-    theta: float = 0.8
-    cpu_max: float = 0.8
-    mem_max: float = 0.9
-    queue_max: int = 16
-    tx_ratio_max: float = 3.0
-    listen_timeout_s: float = 5.0
+    mode: str
+    theta: float
+    cpu_max: float
+    mem_max: float
+    queue_max: int
+    tx_ratio_max: float
+    listen_timeout_s: float
 
     @classmethod
     def from_config(cls, node: Any, where: str = "task.policy") -> "PolicySettings":
@@ -114,12 +114,17 @@ class PolicySettings:
 
 
 def settings_from(cls: type, node: Any, where: str) -> Any:
-    """A settings dataclass from a config node or dict: unknown keys and bad
-    values raise ``ValueError`` naming ``where.<key>`` (its ``validate``)."""
+    """A settings dataclass from a config node or dict (the YAML is the only
+    source of the values: no defaults here); unknown, missing and bad values
+    raise ``ValueError`` naming ``where.<key>`` (its ``validate``)."""
     values = dict(node)
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"{where}.{unknown[0]} is unknown: valid keys are {', '.join(f.name for f in fields(cls))}")
+        raise ValueError(f"{where}.{unknown[0]} is unknown: valid keys are {', '.join(names)}")
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ValueError(f"{where}.{missing[0]} is missing: set it (conf/task/offload.yaml has every key)")
     settings = cls(**values)
     settings.validate(where)
     return settings

@@ -68,11 +68,11 @@ class StreamSettings:
         Payload of one offloaded request (the raw image) and of its answer.
     """
 
-    rate_rps: float = 2.0
-    load_profile: str = "high"
-    load_step_s: float = 10.0
-    request_bytes: int = 784
-    response_bytes: int = 64
+    rate_rps: float
+    load_profile: str
+    load_step_s: float
+    request_bytes: int
+    response_bytes: int
 
     def validate(self, where: str = "task.stream") -> None:
         check(number(self.rate_rps) and self.rate_rps > 0,
@@ -103,11 +103,11 @@ class LinkSettings:
         Retransmission timeout of a lost leg (Linux TCP minimum, as the twin).
     """
 
-    faults: str = "none"
-    probe_s: float = 1.0
-    rto_ms: float = 200.0
-    outage_start: float = 0.5
-    outage_duration: float = 0.25
+    faults: str
+    probe_s: float
+    rto_ms: float
+    outage_start: float
+    outage_duration: float
 
     def validate(self, where: str = "task.link") -> None:
         check(self.faults in LINK_FAULTS,

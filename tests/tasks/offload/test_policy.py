@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from tasks.offload.policy import Block, PolicySettings, Route, after_edge, network_block, on_arrival, overloaded
 
-GATED = PolicySettings(mode="confidence+load", theta=0.8, cpu_max=0.8, mem_max=0.9, queue_max=16, tx_ratio_max=3.0)
+GATED = PolicySettings(mode="confidence+load", theta=0.8, cpu_max=0.8, mem_max=0.9, queue_max=16, tx_ratio_max=3.0,
+                       listen_timeout_s=5.0)
+VALUES = {f: getattr(GATED, f) for f in ("mode", "theta", "cpu_max", "mem_max", "queue_max", "tx_ratio_max",
+                                         "listen_timeout_s")}
 IDLE = {"cpu": 0.3, "mem": 0.4, "queue": 0}
 
 
@@ -59,7 +63,7 @@ def test_a_hard_case_stays_at_the_edge_when_the_network_is_unavailable_and_says_
 
 
 def test_theta_zero_offloads_nothing_and_theta_above_one_everything():
-    never, always = PolicySettings(mode="confidence", theta=0.0), PolicySettings(mode="confidence", theta=1.0001)
+    never, always = replace(GATED, mode="confidence", theta=0.0), replace(GATED, mode="confidence", theta=1.0001)
     for confidence in (0.0, 0.1, 0.5, 0.999, 1.0):
         assert after_edge(never, confidence, Block.NONE) == (False, Block.NONE)
         assert after_edge(always, confidence, Block.NONE) == (True, Block.NONE)
@@ -67,19 +71,19 @@ def test_theta_zero_offloads_nothing_and_theta_above_one_everything():
 
 # ------------------------------------------------------------ the policies
 def test_confidence_only_ignores_the_edge_load():
-    policy = PolicySettings(mode="confidence")
+    policy = replace(GATED, mode="confidence")
     assert on_arrival(policy, cpu=1.0, mem=1.0, queue=999, network=Block.NONE) == (Route.EDGE, Block.NONE)
     assert after_edge(policy, 0.1, Block.NONE) == (True, Block.NONE)
 
 
 def test_edge_only_never_offloads():
-    policy = PolicySettings(mode="edge", theta=2.0)
+    policy = replace(GATED, mode="edge", theta=2.0)
     assert on_arrival(policy, cpu=1.0, mem=1.0, queue=999, network=Block.NONE) == (Route.EDGE, Block.NONE)
     assert after_edge(policy, 0.0, Block.NONE) == (False, Block.NONE)
 
 
 def test_cloud_only_offloads_blindly_but_never_into_an_outage():
-    policy = PolicySettings(mode="cloud")
+    policy = replace(GATED, mode="cloud")
     assert on_arrival(policy, **IDLE, network=Block.NONE) == (Route.CLOUD, Block.NONE)
     assert on_arrival(policy, **IDLE, network=Block.SLOW_LINK) == (Route.CLOUD, Block.NONE)
     assert on_arrival(policy, **IDLE, network=Block.OUTAGE) == (Route.EDGE, Block.OUTAGE)
@@ -101,5 +105,12 @@ def test_cloud_only_offloads_blindly_but_never_into_an_outage():
 ])
 def test_bad_thresholds_are_one_clear_error(values, message):
     with pytest.raises(ValueError, match=message) as caught:
-        PolicySettings.from_config({**{"mode": "confidence+load"}, **values})
+        PolicySettings.from_config({**VALUES, **values})
     assert "\n" not in str(caught.value)
+
+
+def test_a_missing_key_is_one_clear_error_not_a_python_default():
+    values = dict(VALUES)
+    del values["queue_max"]
+    with pytest.raises(ValueError, match=r"^task\.policy\.queue_max is missing: set it"):
+        PolicySettings.from_config(values)

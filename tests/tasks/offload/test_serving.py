@@ -32,6 +32,7 @@ FLEET = Fleet(profiles={"edge": EDGE, "cloud": CLOUD}, mix={"edge": 1.0}, utilis
               rtt_jitter_max=1.0, bandwidth_fluctuation=0.0)  # no jitter, no fluctuation: times by hand
 ENDPOINTS = Endpoints(sites=(EDGE,), cloud=CLOUD, fleet=FLEET, edge_flops=1000.0, cloud_flops=5000.0)
 SETTINGS = StreamSettings(rate_rps=2.0, load_profile="low", load_step_s=1.0, request_bytes=1000, response_bytes=100)
+LINK = LinkSettings(faults="none", probe_s=1.0, rto_ms=200.0, outage_start=0.5, outage_duration=0.25)
 # by hand: edge 1000 / (1e6 x 0.5) = 2 ms; cloud 5000 / (1e7 x 0.5) = 1 ms;
 # up 1000 B x 8 / 8e6 + 10 ms = 11 ms; down 100 B x 8 / 8e6 + 10 ms = 10.1 ms
 EDGE_S, CLOUD_S, UP_S, DOWN_S = 2e-3, 1e-3, 11e-3, 10.1e-3
@@ -41,7 +42,7 @@ GATED = PolicySettings(mode="confidence+load", theta=0.8, cpu_max=0.8, mem_max=0
 
 def stream_of(arrivals, *, cpu=None, link: LinkSettings | None = None, endpoints: Endpoints = ENDPOINTS):
     """A stream of ``len(arrivals)`` requests (sample i at arrivals[i]) at one site, idle unless ``cpu``."""
-    stream = build_stream(len(arrivals), endpoints, SETTINGS, link or LinkSettings(), seed=0, stream_id=0)
+    stream = build_stream(len(arrivals), endpoints, SETTINGS, link or LINK, seed=0, stream_id=0)
     load = np.zeros_like(stream.cpu) if cpu is None else np.broadcast_to(np.asarray(cpu, float), stream.cpu.shape)
     return replace(stream, sample=np.arange(len(arrivals)), arrival_s=np.asarray(arrivals, float),
                    cpu=load.copy(), mem=np.zeros_like(stream.mem))
@@ -76,7 +77,7 @@ def test_a_confident_request_costs_only_edge_compute_and_waits_in_the_queue():
 
 
 def test_colocated_load_slows_edge_compute_by_the_cpu_share_it_takes():
-    served = serve(PolicySettings(mode="edge"), stream_of([1.0], cpu=0.5), ENDPOINTS, confidence=np.array([0.95]))
+    served = serve(replace(GATED, mode="edge"), stream_of([1.0], cpu=0.5), ENDPOINTS, confidence=np.array([0.95]))
     assert served.latency_s[0] == pytest.approx(2 * EDGE_S, abs=1e-12)
 
 
@@ -120,7 +121,7 @@ def test_listening_gives_up_after_its_timeout_and_counts_the_outage():
 # ------------------------------------------------------------ outages and packet loss
 @pytest.mark.parametrize("mode", ["cloud", "confidence", "confidence+load"])
 def test_a_cloud_outage_sends_nothing_upward_and_is_counted(mode):
-    link = LinkSettings(faults="outage", outage_start=0.25, outage_duration=0.5)
+    link = replace(LINK, faults="outage", outage_start=0.25, outage_duration=0.5)
     stream = build_stream(400, ENDPOINTS, SETTINGS, link, seed=3, stream_id=1)
     policy = replace(GATED, mode=mode, theta=1.5)  # every request is a hard case
     served = serve(policy, stream, ENDPOINTS, confidence=np.full(400, 0.6))
@@ -154,7 +155,7 @@ def test_a_leg_lost_twice_falls_back_to_the_edge_answer():
 
 
 def test_packet_loss_fails_heartbeats_and_the_network_trigger_keeps_hard_cases_at_the_edge():
-    stream = build_stream(400, ENDPOINTS, SETTINGS, LinkSettings(faults="loss20"), seed=0, stream_id=2)
+    stream = build_stream(400, ENDPOINTS, SETTINGS, replace(LINK, faults="loss20"), seed=0, stream_id=2)
     assert (stream.probe_ratio > GATED.tx_ratio_max).mean() == pytest.approx(0.36, abs=0.12)  # 1 - 0.8^2
     policy = replace(GATED, theta=1.5)
     served = serve(policy, stream, ENDPOINTS, confidence=np.full(400, 0.6))
@@ -175,10 +176,10 @@ def _mixed_fleet_endpoints() -> Endpoints:
 @pytest.mark.parametrize(("theta", "fraction"), [(0.0, 0.0), (1.01, 1.0)])
 def test_theta_zero_offloads_nothing_and_theta_above_one_everything(theta, fraction):
     endpoints = _mixed_fleet_endpoints()
-    stream = build_stream(300, endpoints, StreamSettings(), LinkSettings(), seed=0, stream_id=0)
+    stream = build_stream(300, endpoints, replace(SETTINGS, load_profile="high"), LINK, seed=0, stream_id=0)
     confidence = np.random.default_rng(0).uniform(0.1, 1.0, 300)
     confidence[:5] = 1.0  # saturated softmax
-    policy = PolicySettings(mode="confidence", theta=theta)
+    policy = replace(GATED, mode="confidence", theta=theta)
     served = serve(policy, stream, endpoints, confidence)
     assert served.by_cloud.mean() == fraction
 
@@ -196,6 +197,6 @@ def test_summary_splits_edge_and_cloud_accuracy_by_offloaded_and_kept_requests()
 
 
 def test_colocated_load_stretches_latency_but_not_the_inference_energy():
-    served = serve(PolicySettings(mode="edge"), stream_of([1.0], cpu=0.75), ENDPOINTS, confidence=np.array([0.95]))
+    served = serve(replace(GATED, mode="edge"), stream_of([1.0], cpu=0.75), ENDPOINTS, confidence=np.array([0.95]))
     assert served.latency_s[0] == pytest.approx(4 * EDGE_S, abs=1e-12)
     assert served.edge_j[0] == pytest.approx(10 * EDGE_S, abs=1e-12)
