@@ -41,13 +41,19 @@ class DataSpec:
     test_per_class: int = 0
     public_val_per_class: int = 20
     path: str | None = None
+    cloud_per_class: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> "DataSpec":
-        """Build from a composed fedcontinuum config (``DictConfig``)."""
+        """Build from a composed fedcontinuum config (``DictConfig``).
+
+        ``task.source`` names the data set where the task's name does not
+        (e.g. ``task=offload`` on MNIST); ``task.cloud_per_class`` carves a
+        cloud-held set out of the pool.
+        """
         part = cfg.partition
         return cls(
-            task=str(cfg.task.name),
+            task=str(cfg.task.get("source") or cfg.task.name),
             num_classes=int(cfg.task.num_classes),
             num_clients=int(cfg.clients.num),
             scheme=str(part.name),
@@ -58,6 +64,7 @@ class DataSpec:
             test_per_class=int(cfg.task.get("test_per_class", 0)),
             public_val_per_class=int(cfg.task.public_val_per_class),
             path=str(cfg.task.path) if cfg.task.get("path") else None,
+            cloud_per_class=int(cfg.task.get("cloud_per_class", 0)),
         )
 
     def to_json(self) -> str:
@@ -70,12 +77,17 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class FederatedImageData:
-    """Client partitions plus the server-held sets; all disjoint."""
+    """Client partitions plus the server-held sets; all disjoint.
+
+    ``cloud`` is the cloud's own class-balanced set (``cloud_per_class`` of
+    every class, held out of the pool before the long tail); empty unless asked for.
+    """
 
     clients: tuple[LabelledImages, ...]
     public_val: LabelledImages
     test: LabelledImages
     num_classes: int
+    cloud: LabelledImages | None = None
 
     def client_sizes(self) -> list[int]:
         return [len(c) for c in self.clients]
@@ -109,8 +121,8 @@ def _source(spec: DataSpec) -> tuple[LabelledImages, dict[str, np.ndarray]]:
 
 
 def _split_indices(spec: DataSpec, source: LabelledImages, splits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Index arrays (into ``source``) of the test set, public validation set and
-    every client's partition."""
+    """Index arrays (into ``source``) of the test set, public validation set,
+    the cloud's set (if asked for) and every client's partition."""
     rng = np.random.default_rng(spec.seed)
     y = source.y
     if "all" in splits:  # no published split: hold out test, then validation
@@ -126,6 +138,10 @@ def _split_indices(spec: DataSpec, source: LabelledImages, splits: dict[str, np.
             f"the {spec.task} data has {found} classes but task.num_classes="
             f"{spec.num_classes}: set task.num_classes={found}"
         )
+    cloud = pool[:0]
+    if spec.cloud_per_class > 0:  # after the other hold-outs: specs without it keep their splits
+        cloud_pos, pool_pos = balanced_holdout(y[pool], spec.cloud_per_class, rng, "cloud")
+        cloud, pool = pool[cloud_pos], pool[pool_pos]
     if spec.rho > 1:
         pool = pool[long_tail_indices(y[pool], spec.rho, rng)]
     parts = partition_pool(
@@ -136,7 +152,7 @@ def _split_indices(spec: DataSpec, source: LabelledImages, splits: dict[str, np.
         alpha=spec.alpha,
         min_partition_size=spec.min_partition_size,
     )
-    indices = {"test": test, "public_val": public_val}
+    indices = {"test": test, "public_val": public_val, "cloud": cloud}
     indices.update({f"client_{i}": pool[part] for i, part in enumerate(parts)})
     return indices
 
@@ -183,4 +199,5 @@ def build_image_data(spec: DataSpec) -> FederatedImageData:
         public_val=source.take(indices["public_val"]),
         test=source.take(indices["test"]),
         num_classes=spec.num_classes,
+        cloud=source.take(indices["cloud"]) if len(indices.get("cloud", ())) else None,
     )

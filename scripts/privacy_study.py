@@ -32,10 +32,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from fl_server.experiments.config import ConfigError, compose_config
 from fl_server.experiments.tracking import PARENT_TAG, RunTracker, default_tracking_uri
-from fl_server.runtime.launch import JobOutcome, preflight, run_job, summary_table
-from fl_server.runtime.superlink import LocalSuperLink
+from scripts.study_runs import close_parent, run_jobs
 
 console = Console()
 # Opacus's centralised MNIST example (60k images, delta = 1e-5), for comparison
@@ -63,26 +61,9 @@ def run_study(seeds: list[int], epsilons: list[float], rounds: int, tracking_uri
                        "num_rounds": rounds})
     parent.flush()
     console.print(f"[bold]privacy study[/bold] (MLflow parent run {parent.run_id})")
-    outcomes: list[JobOutcome] = []
-    with LocalSuperLink(ray_head=shared_ray) as superlink:  # one Ray head for all jobs (Ray's start-up paid once)
-        for label, overrides in jobs(seeds, epsilons, rounds):
-            try:
-                cfg = compose_config(overrides)
-                preflight(cfg, superlink.cache_dir)
-            except (ConfigError, ValueError) as err:
-                console.print(f"[red]error:[/red] {label}: {err}")
-                outcomes.append(JobOutcome(ok=False, status="invalid config", run_name=label, reason=str(err)))
-                continue
-            outcomes.append(run_job(cfg, overrides, superlink, tracking_uri=tracking_uri,
-                                    parent_run_id=parent.run_id, console=console))
-    console.print(summary_table(outcomes))
+    outcomes = run_jobs(jobs(seeds, epsilons, rounds), parent.run_id, tracking_uri, console)
     report(parent.run_id, tracking_uri)
-    failed = [o for o in outcomes if not o.ok]
-    client = MlflowClient(tracking_uri)
-    if failed:
-        client.set_tag(parent.run_id, "fc.failure_reason", "; ".join(f"{o.run_name}: {o.status}" for o in failed)[:5000])
-    parent.flush()
-    client.set_terminated(parent.run_id, status="FAILED" if failed else "FINISHED")
+    close_parent(parent, outcomes)
     return parent.run_id
 
 

@@ -14,6 +14,7 @@ from tasks.base import Task
 # kind -> "module:class"; imported on first use, so an image run never loads
 # the RL or forecasting code (pandas, TorchRL).
 TASKS = {
+    "offload": "tasks.offload.task:OffloadTask",  # first: the launcher's summary takes the first task whose metric a run has
     "image": "tasks.image.task:ImageTask",
     "forecast": "tasks.forecast.task:ForecastTask",
     "rl": "tasks.rl.task:RLTask",

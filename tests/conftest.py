@@ -108,3 +108,26 @@ def persistent_clients(num_clients: int):
     for node in range(num_clients):
         clients.context(node)
     return FakeGrid(range(num_clients), clients), clients.contexts
+
+
+def run_in_process(tracking_uri: str, overrides: list[str]):
+    """Compose ``overrides`` and run the experiment skeleton behind :func:`persistent_clients`.
+
+    Returns every metric's per-round values of the (finished) run, its MLflow
+    run id and the nodes' Contexts.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from fl_server.experiments.config import compose_config
+    from fl_server.experiments.experiment import run_experiment
+
+    cfg = compose_config(overrides)
+    grid, contexts = persistent_clients(int(cfg.clients.num))
+    run_experiment(grid, cfg, tracking_uri)
+    client = MlflowClient(tracking_uri)
+    (latest, *_) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      order_by=["attributes.start_time DESC"])
+    assert latest.info.status == "FINISHED"
+    metrics = {key: [m.value for m in sorted(client.get_metric_history(latest.info.run_id, key), key=lambda m: m.step)]
+               for key in latest.data.metrics}
+    return metrics, latest.info.run_id, contexts

@@ -1,19 +1,17 @@
 """Engine features x tasks: every engine feature takes effect for every task.
 
 Each test runs the real experiment skeleton with the real ClientApp behind a
-fake Grid (no Ray): the image task (MNIST 5k), synthetic-series forecasting
-and PPO in the twin, on small settings.
+fake Grid (no Ray): the image task (MNIST 5k), synthetic-series forecasting,
+PPO in the twin and the offload task (MNIST 5k), on small settings.
 """
 
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from fl_server.experiments.config import ConfigError, compose_config
-from fl_server.experiments.experiment import run_experiment
 from tasks.rl.spec import RLSpec, build_scenario
-from tests.conftest import persistent_clients
+from tests.conftest import run_in_process
 
 TASKS = {
     "image": ["task=mnist", "clients.num=3"],
@@ -21,6 +19,7 @@ TASKS = {
                  "task.season=48", "task.train_stride=4", "clients.num=3"],
     "rl": ["task=ppo", "clients.num=2", "task.episode_s=60", "task.steps_per_round=128", "task.eval_seeds=[7]",
            "task.final_study=false"],
+    "offload": ["task=offload", "clients.num=3", "task.cloud_per_class=20", "task.cloud.epochs=1", "task.final_study=false"],
 }
 
 
@@ -31,16 +30,8 @@ NANO_ONLY = ("devices.mix.jetson-nano=1.0", "devices.mix.jetson-xavier-nx=0", "d
 
 def run(tracking_uri, tmp_path, *overrides: str, rounds: int = 2) -> dict[str, list[float]]:
     """Run one experiment; return every metric's per-round values."""
-    cfg = compose_config([*overrides, f"num_rounds={rounds}", "seed=1", f"checkpoint.dir={tmp_path / 'ckpt'}",
-                          "tracking.log_model=false"])
-    grid, _ = persistent_clients(int(cfg.clients.num))
-    run_experiment(grid, cfg, tracking_uri)
-    client = MlflowClient(tracking_uri)
-    (latest, *_) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                      order_by=["attributes.start_time DESC"])
-    assert latest.info.status == "FINISHED"
-    return {key: [m.value for m in sorted(client.get_metric_history(latest.info.run_id, key), key=lambda m: m.step)]
-            for key in latest.data.metrics}
+    return run_in_process(tracking_uri, [*overrides, f"num_rounds={rounds}", "seed=1", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                                         "tracking.log_model=false"])[0]
 
 
 @pytest.mark.parametrize("task", TASKS)

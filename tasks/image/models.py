@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
@@ -19,23 +19,27 @@ class SmallCNN(nn.Module):
         Output classes.
     in_channels : int
         1 for grey images (MNIST, BreastMNIST), 3 for RGB MedMNIST sets.
+    widths : tuple of int
+        Channels of the two convolutions and units of the hidden layer
+        (``cnn-wide``, the offload task's cloud model: 32, 64, 256; ~317k parameters).
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 1, widths: tuple[int, int, int] = (16, 32, 160)) -> None:
         super().__init__()
+        conv1, conv2, hidden = widths
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, kernel_size=5),  # 28 -> 24
+            nn.Conv2d(in_channels, conv1, kernel_size=5),  # 28 -> 24
             nn.ReLU(),
             nn.MaxPool2d(2),  # -> 12
-            nn.Conv2d(16, 32, kernel_size=5),  # -> 8
+            nn.Conv2d(conv1, conv2, kernel_size=5),  # -> 8
             nn.ReLU(),
             nn.MaxPool2d(2),  # -> 4
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 160),
+            nn.Linear(conv2 * 4 * 4, hidden),
             nn.ReLU(),
-            nn.Linear(160, num_classes),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +47,7 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features((x - 0.5) / 0.5))
 
 
-MODELS = {"cnn": SmallCNN}
+MODELS = {"cnn": SmallCNN, "cnn-wide": partial(SmallCNN, widths=(32, 64, 256))}
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 1, seed: int | None = None) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from fl_common import protocol
 from fl_datasets.federated import DataSpec, FederatedImageData, build_image_data
+from fl_datasets.sources import LabelledImages
 from tasks.base import ClientRound, LocalUpdate, ServerTask, Task
 from tasks.image.mlflow_inputs import image_datasets, trained_model
 from tasks.image.models import MODELS, build_model, model_costs
@@ -30,6 +32,25 @@ HEADLINE = ("test_accuracy", "test_macro_f1", "test_weakest_class_recall", "trai
 SHOWN = ("test_accuracy", "test_macro_f1", "test_weakest_class_recall", "train_loss",
          "clients_replied", "clients_failed", "round_wall_time_s")
 PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass
+class LocalPlan:
+    """A subclass's say in one round of local training.
+
+    Attributes
+    ----------
+    weights : numpy.ndarray, optional
+        Per-sample loss weights of the local epochs (None: unweighted).
+    metrics : dict
+        Extra training metrics of the round.
+    forward_passes : int
+        Samples the plan itself ran forward (charged to the virtual clock).
+    """
+
+    weights: np.ndarray | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    forward_passes: int = 0
 
 
 def _partition(spec: DataSpec, partition_id: int):
@@ -82,16 +103,23 @@ class ImageTask(Task):
         return ImageServer(cfg)
 
     # ------------------------------------------------------------ client
+    def local_plan(self, model, data: LabelledImages, run: ClientRound) -> LocalPlan:
+        """What this round's local training draws (before it starts, from the received model)."""
+        return LocalPlan()
+
     def train(self, arrays: ArrayRecord, run: ClientRound) -> LocalUpdate:
         spec = DataSpec.from_json(str(run.config[SPEC_KEY]))
         settings = json.loads(str(run.config[TRAIN_KEY]))
         data = _partition(spec, run.partition_id)
         model = _model(settings["model"], spec, arrays)
+        plan = self.local_plan(model, data, run)
         hyper = dict(epochs=settings["local_epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
                      momentum=settings["momentum"], seed=run.seed)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(plan.metrics)
         if run.train_private is None:
-            loss = train_local(model, data, **hyper)
+            loss = train_local(model, data, **hyper, weights=plan.weights)
+        elif plan.weights is not None:
+            raise ValueError("DP-SGD samples uniformly: a weighted local plan cannot run under privacy=dpsgd")
         else:
             import torch
 
@@ -99,12 +127,13 @@ class ImageTask(Task):
                                         torch.nn.CrossEntropyLoss(), **hyper)
             if outcome.declined:
                 return LocalUpdate(ArrayRecord(), 0, 0.0, declined=outcome)
-            loss, metrics = outcome.loss, outcome.metrics()
+            loss, metrics = outcome.loss, {**metrics, **outcome.metrics()}
         forward_flops = model_costs(settings["model"], spec.num_classes)[0]
         return LocalUpdate(
             arrays=ArrayRecord(model.state_dict()),
             num_examples=len(data),
-            train_flops=3 * forward_flops * len(data) * settings["local_epochs"],  # fwd + 2x bwd
+            # fwd + 2x bwd per training sample, plus the plan's own forward passes
+            train_flops=forward_flops * (3 * len(data) * settings["local_epochs"] + plan.forward_passes),
             metrics={"train_loss": loss, **metrics},
         )
 

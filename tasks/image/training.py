@@ -19,16 +19,22 @@ def train_local(
     lr: float,
     momentum: float,
     seed: int,
+    weights: np.ndarray | None = None,
 ) -> float:
     """Plain SGD on the client's partition; returns the mean training loss.
 
     Batches are drawn from the in-memory tensors directly (no DataLoader): the
     partitions are tiny and a DataLoader's per-epoch overhead would dominate.
+    ``weights`` (one per sample, e.g. hard cases weighted up) scale each
+    sample's loss, normalised to mean 1 over the partition; the batches and
+    their order are the same as without them.
     """
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    loss_fn = nn.CrossEntropyLoss()
+    plain = weights is None
+    loss_fn = nn.CrossEntropyLoss(reduction="mean" if plain else "none")
+    scale = None if plain else torch.as_tensor(weights / np.mean(weights), dtype=torch.float32)
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
@@ -37,11 +43,21 @@ def train_local(
             batch = order[start : start + batch_size]
             optimiser.zero_grad()
             loss = loss_fn(model(x[batch]), y[batch])
+            if not plain:
+                loss = (scale[batch] * loss).mean()
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
             count += len(batch)
     return total / count if count else math.nan
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax outputs ``(N, classes)`` of ``model`` on images ``x``."""
+    model.eval()
+    return np.concatenate([torch.softmax(model(torch.from_numpy(x[start : start + batch_size])), dim=1).numpy()
+                           for start in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, 0))
 
 
 @torch.no_grad()

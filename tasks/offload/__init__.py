@@ -1,0 +1,1 @@
+"""Collaborative edge->cloud inference with confidence-, load- and network-gated offloading (see task.py)."""
