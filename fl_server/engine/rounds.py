@@ -322,9 +322,10 @@ class RoundDriver:
         Ordered by partition id: node ids are random per simulation, so a
         seeded sampler over this list picks the same partitions every run.
         """
-        busy = self.clock.busy_nodes()  # one pass over the in-flight updates, not one per node
+        connected = list(self.grid.get_node_ids())
+        busy = self.clock.busy_nodes(connected)  # one pass over the in-flight updates, not one per node
         nodes = sorted(
-            (n for n in self.grid.get_node_ids() if n not in busy),
+            (n for n in connected if n not in busy),
             key=lambda n: self.partition_of.get(n, n),
         )
         if self.fleet is None:

@@ -18,6 +18,7 @@ Every update is applied exactly once, in arrival order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -64,8 +65,9 @@ class VirtualClock:
         """True while an update of ``node_id`` is still travelling."""
         return any(a.node_id == node_id for a in self.pending)
 
-    def busy_nodes(self) -> set[int]:
-        """Every node with an update still travelling (one pass, for sampling a large federation)."""
+    def busy_nodes(self, node_ids: Iterable[int] = ()) -> set[int]:
+        """Every node with an update still travelling (one pass, for sampling a large
+        federation); ``node_ids``: the connected nodes, for clocks that ask per node."""
         return {a.node_id for a in self.pending}
 
     def close_round(self, server_round: int, durations: list[tuple[Message, float]]) -> RoundClose:

@@ -402,6 +402,9 @@ class TieredClock(VirtualClock):
     def is_busy(self, node_id: int) -> bool:
         return super().is_busy(node_id) or self.hierarchy.is_busy(node_id)
 
+    def busy_nodes(self, node_ids=()) -> set[int]:
+        return super().busy_nodes(node_ids) | {n for n in node_ids if self.hierarchy.is_busy(n)}
+
 
 def find_hierarchy(strategy: Strategy) -> HierarchicalStrategy | None:
     while strategy is not None and not isinstance(strategy, HierarchicalStrategy):
