@@ -421,10 +421,12 @@ def _report_text(results, sites, steps, step_s, epochs, command, base) -> str:
     if data.left_out_note:
         parts.append(f"\n{data.left_out_note}\n")
     parts.append("\n## Where persistence still wins\n\n" + persistence_verdict(results, sites, steps, step_s))
+    beside = f"\n`{command}`\n\n"  # the exact command beside each table
     for step in steps:
-        parts.append("\n" + horizon_markdown(results, step, step_s, epochs))
-    parts.append("\n## All horizon steps together (point and probabilistic)\n\n" + overall_markdown(results))
-    parts.append(f"\n## MASE per site at {horizon_label(steps[-1], step_s)}\n\n" + site_markdown(sites, f"mase_h{steps[-1]}"))
+        parts.append("\n" + horizon_markdown(results, step, step_s, epochs) + beside)
+    parts.append("\n## All horizon steps together (point and probabilistic)\n\n" + overall_markdown(results) + beside)
+    parts.append(f"\n## MASE per site at {horizon_label(steps[-1], step_s)}\n\n"
+                 + site_markdown(sites, f"mase_h{steps[-1]}") + beside)
     return "".join(parts)
 
 
