@@ -37,6 +37,7 @@ All go to one MLflow parent run (tag ``fc.kind=forecast-compare``) and to
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ PERSISTENCE = BASELINE_LABELS["last_value"]
 SHARED_TRACES = PROJECT_DIR.parent / "shared" / "data" / "gwa-t-12-rnd" / "2013-8"
 REPORTS = PROJECT_DIR / "reports" / "forecast_compare"
 console = Console()
+_SITE_TEST_METRIC = re.compile(r"site(?P<site>[^_]+)_test_(?P<metric>\w+)")
 
 Scores = dict[str, float]  # metric -> value, overall (mean over sites)
 
@@ -124,7 +126,7 @@ def epochs_per_site(cfg: DictConfig) -> int:
     return int(cfg.num_rounds) * int(cfg.train.local_epochs)
 
 
-def federated(cfg: DictConfig, overrides: list[str], parent_run_id: str) -> tuple[dict[str, Scores], str]:
+def federated(cfg: DictConfig, overrides: list[str], parent_run_id: str) -> tuple[dict, str]:
     """A real Flower simulation; the sites' own scores (``fed_test_*``, and
     ``fed_ft_test_*`` after fine-tuning) read back from MLflow."""
     from mlflow.tracking import MlflowClient
@@ -138,7 +140,7 @@ def federated(cfg: DictConfig, overrides: list[str], parent_run_id: str) -> tupl
     if not outcome.ok:
         raise RuntimeError(f"federated run {outcome.run_name} failed: {outcome.status}\n{outcome.reason}")
     metrics = MlflowClient(default_tracking_uri()).get_run(outcome.mlflow_run_id).data.metrics
-    return fed_scores(metrics), outcome.mlflow_run_id
+    return {**fed_scores(metrics), "sites": server_site_scores(metrics)}, outcome.mlflow_run_id
 
 
 def fed_scores(metrics: dict[str, float]) -> dict[str, Scores]:
@@ -149,6 +151,15 @@ def fed_scores(metrics: dict[str, float]) -> dict[str, Scores]:
         if scores:
             out[name] = scores
     return out
+
+
+def server_site_scores(metrics: dict[str, float]) -> dict[str, Scores]:
+    """The server's per-site scores of the global model (``site<id>_test_<metric>``)."""
+    per_site: dict[str, Scores] = {}
+    for key, value in metrics.items():
+        if match := _SITE_TEST_METRIC.fullmatch(key):
+            per_site.setdefault(match["site"], {})[match["metric"]] = value
+    return per_site
 
 
 def baselines(cfg: DictConfig) -> tuple[dict[str, dict[str, Scores]], int]:
@@ -237,7 +248,7 @@ def overall_markdown(results: dict[str, list[Scores]]) -> str:
 def site_markdown(sites: dict[str, list[dict[str, Scores]]], key: str) -> str:
     """Per-site ``key`` (e.g. ``mase_h12``), mean over seeds, one column per method."""
     methods = list(sites)
-    names = list(sites[methods[0]][0])
+    names = list(sites[methods[-1]][0])  # the baselines, last, hold the sites in trace order
     lines = ["| site | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for site in names:
         cells = [f"{np.mean([r[site][key] for r in sites[m]]):.3f}" for m in methods]
@@ -370,6 +381,8 @@ def run(base: DictConfig, overrides: list[str], seeds: list[int], arms: list[str
                     cfg = compose_config([*seeded, *extra])
                     scores, _ = federated(cfg, [*seeded, *extra], parent.run_id)
                     results.setdefault(LABELS[arm], []).append(scores["deployed"])
+                    if arm == "federated":  # FedAvg deploys the global model: the server's per-site scores are its
+                        sites.setdefault(LABELS[arm], []).append(scores["sites"])
                     epochs[LABELS[arm]] = epochs_per_site(cfg)
                     if "fine-tuned" in scores:
                         results.setdefault(LABELS["federated-ft"], []).append(scores["fine-tuned"])
@@ -421,10 +434,12 @@ def _report_text(results, sites, steps, step_s, epochs, command, base) -> str:
     if data.left_out_note:
         parts.append(f"\n{data.left_out_note}\n")
     parts.append("\n## Where persistence still wins\n\n" + persistence_verdict(results, sites, steps, step_s))
+    beside = f"\n`{command}`\n\n"  # the exact command beside each table
     for step in steps:
-        parts.append("\n" + horizon_markdown(results, step, step_s, epochs))
-    parts.append("\n## All horizon steps together (point and probabilistic)\n\n" + overall_markdown(results))
-    parts.append(f"\n## MASE per site at {horizon_label(steps[-1], step_s)}\n\n" + site_markdown(sites, f"mase_h{steps[-1]}"))
+        parts.append("\n" + horizon_markdown(results, step, step_s, epochs) + beside)
+    parts.append("\n## All horizon steps together (point and probabilistic)\n\n" + overall_markdown(results) + beside)
+    parts.append(f"\n## MASE per site at {horizon_label(steps[-1], step_s)}\n\n"
+                 + site_markdown(sites, f"mase_h{steps[-1]}") + beside)
     return "".join(parts)
 
 
