@@ -65,7 +65,9 @@ def run_one(task: str, clients: int, rounds: int, fraction: float, env: dict[str
     log = out / f"{task}-{clients}.outcome.jsonl"
     overrides = [*TASKS[task], f"clients.num={clients}", f"clients.fraction_train={fraction}",
                  f"num_rounds={rounds}", "tracking.log_model=false", "checkpoint.enabled=false",
-                 f"tracking.run_name=scale-{task}-{clients}", *extra]
+                 f"tracking.run_name=scale-{task}-{clients}"]
+    replaced = {o.split("=", 1)[0] for o in extra}  # --overrides replace the task's bench settings
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in replaced] + list(extra)
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "fl_server.launch", *overrides], cwd=PROJECT_DIR,
                             env={**env, OUTCOME_LOG_ENV: str(log)}, stdout=subprocess.DEVNULL,
