@@ -65,7 +65,9 @@ def run_one(task: str, clients: int, rounds: int, fraction: float, env: dict[str
     log = out / f"{task}-{clients}.outcome.jsonl"
     overrides = [*TASKS[task], f"clients.num={clients}", f"clients.fraction_train={fraction}",
                  f"num_rounds={rounds}", "tracking.log_model=false", "checkpoint.enabled=false",
-                 f"tracking.run_name=scale-{task}-{clients}", *extra]
+                 f"tracking.run_name=scale-{task}-{clients}"]
+    replaced = {o.split("=", 1)[0] for o in extra}  # --overrides replace the task's bench settings
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in replaced] + list(extra)
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "fl_server.launch", *overrides], cwd=PROJECT_DIR,
                             env={**env, OUTCOME_LOG_ENV: str(log)}, stdout=subprocess.DEVNULL,
@@ -128,14 +130,16 @@ def growth(rows: list[dict], key: str) -> str:
 def report(results: list[dict], out: Path, rounds: int) -> str:
     table = Table(title=f"scale: {rounds} rounds, 10 % of the clients per round (>= 2)", title_justify="left")
     header = ["task", "clients", "sampled/round", "ok", "peak PSS MB", "peak RSS MB", "round s (mean r2..)",
-              "round 1 s", "discovery s", "whole run s", "MLflow series"]
+              "s per sampled client", "round 1 s", "discovery s", "whole run s", "MLflow series"]
     for column in header:
         table.add_column(column, justify="left" if column in ("task", "ok") else "right")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["task"], str(r["clients"]), f"{r.get('sampled_per_round', float('nan')):.0f}",
                  "yes" if r["ok"] else f"no ({r['status']})", f"{r['peak_pss_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                 f"{r.get('round_mean_s', float('nan')):.2f}", f"{r.get('round1_s', float('nan')):.2f}",
+                 f"{r.get('round_mean_s', float('nan')):.2f}",
+                 f"{r.get('round_mean_s', float('nan')) / r.get('sampled_per_round', float('nan')):.3f}",
+                 f"{r.get('round1_s', float('nan')):.2f}",
                  f"{r.get('discover_s', float('nan')):.1f}", f"{r['wall_s']:.0f}", str(r.get("metric_series", "-"))]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
@@ -168,9 +172,10 @@ def _plot(results: list[dict], path: Path, rounds: int) -> None:
         if not rows:
             continue
         sizes = [r["clients"] for r in rows]
-        mem.plot(sizes, [r["peak_pss_mb"] / 1024 for r in rows], marker="o", label=f"{task} PSS")
-        mem.plot(sizes, [r["peak_rss_mb"] / 1024 for r in rows], marker=".", ls=":", label=f"{task} RSS")
-        wall.plot(sizes, [r["round_mean_s"] for r in rows], marker="o", label=task)
+        (line,) = mem.plot(sizes, [r["peak_pss_mb"] / 1024 for r in rows], marker="o", label=f"{task} PSS")
+        mem.plot(sizes, [r["peak_rss_mb"] / 1024 for r in rows], marker=".", ls=":", color=line.get_color(),
+                 label=f"{task} RSS (sums shared pages per process)")
+        wall.plot(sizes, [r["round_mean_s"] for r in rows], marker="o", color=line.get_color(), label=task)
     for ax in (mem, wall):
         ax.set_xscale("log")
         ax.set_xlabel("virtual clients (10 % sampled per round)")
@@ -193,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every run")
+    parser.add_argument("--report", metavar="DIR", help="only rebuild the table and plot from DIR/results.json")
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads((Path(args.report) / "results.json").read_text())
+        report(results, Path(args.report), args.rounds)
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         sizes = [s for s in sizes if s <= 100]
