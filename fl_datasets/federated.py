@@ -21,9 +21,9 @@ import numpy as np
 from .holdout import balanced_holdout
 from .long_tail import long_tail_indices
 from .partition import partition_pool
-from .sources import DataError, LabelledImages, load_medmnist_npz, load_mnist_5k
+from .sources import CACHE_ENV, DataError, LabelledImages, load_medmnist_npz, load_mnist_5k
 
-CACHE_ENV = "FEDCONTINUUM_CACHE_DIR"
+__all__ = ["CACHE_ENV", "DataSpec", "FederatedImageData", "build_image_data"]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from fl_server.experiments.config import compose_config, finalize_config
 from fl_server.runtime.launch import JobOutcome, preflight, run_job
-from scripts.sweep_parent import PARENT_ENV, console, outcomes, shared_superlink
+from scripts.sweep_parent import PARENT_ENV, console, interrupted, outcomes, shared_superlink
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -40,14 +40,21 @@ def main(job_cfg: DictConfig) -> float:
         console.print(f"[bold red]error:[/bold red] {' '.join(overrides)}: {err}", highlight=False)
         outcomes.append(JobOutcome(ok=False, status="invalid config", run_name=" ".join(overrides), reason=str(err)))
         return float("nan")
-    outcome = run_job(
-        cfg,
-        overrides,
-        superlink,
-        parent_run_id=os.environ.get(PARENT_ENV),
-        console=console,
-        began_at=began_at,
-    )
+    try:
+        outcome = run_job(
+            cfg,
+            overrides,
+            superlink,
+            parent_run_id=os.environ.get(PARENT_ENV),
+            console=console,
+            began_at=began_at,
+        )
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, or SIGTERM (superlink.unwind_on_sigterm)
+        code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code
+        console.print("[bold red]interrupted[/bold red]: the sweep's SuperLink, Ray head and simulations are "
+                      "stopped; MLflow keeps the rounds logged so far", highlight=False)
+        interrupted(f"interrupted (exit {code}) during {' '.join(overrides)}")
+        raise SystemExit(code) from None
     outcomes.append(outcome)
     return float(outcome.final.get("test_accuracy", float("nan")))
 

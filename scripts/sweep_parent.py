@@ -57,6 +57,18 @@ def _stop_superlink() -> None:
         _superlink = None
 
 
+def interrupted(reason: str) -> None:
+    """Mark the sweep's parent run FAILED with ``reason`` (the sweep stops; its end hook will not run)."""
+    parent_run_id = os.environ.pop(PARENT_ENV, None)
+    if parent_run_id:
+        try:
+            from fl_server.experiments.tracking import mark_failed
+
+            mark_failed(default_tracking_uri(), parent_run_id, reason)
+        except Exception:  # noqa: BLE001 - stopping matters more than the record
+            pass
+
+
 class SweepParentRun(Callback):
     """Hydra callback: an MLflow parent run around a ``--multirun`` sweep."""
 

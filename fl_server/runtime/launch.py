@@ -181,24 +181,35 @@ def run_job(
     )
     started = time.perf_counter()
     outcome.submitted_at = time.time()
-    with log_path.open("w") as log, _progress(console) as bar:
-        task = bar.add_task(run_name, total=int(cfg.num_rounds), status="submitting…")
-        proc = subprocess.Popen(
-            command,
-            env=superlink.env,
-            cwd=PROJECT_DIR,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if verbose:
-                bar.console.print(line.rstrip(), markup=False, highlight=False)
-            _follow(line, outcome, bar, task)
-        proc.wait()
+    try:
+        with log_path.open("w") as log, _progress(console) as bar:
+            task = bar.add_task(run_name, total=int(cfg.num_rounds), status="submitting…")
+            proc = subprocess.Popen(
+                command,
+                env=superlink.env,
+                cwd=PROJECT_DIR,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                if verbose:
+                    bar.console.print(line.rstrip(), markup=False, highlight=False)
+                _follow(line, outcome, bar, task)
+            proc.wait()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM: the caller stops the SuperLink, the run ends here
+        if outcome.mlflow_run_id:
+            try:
+                from fl_server.experiments.tracking import mark_failed
+
+                mark_failed(tracking_uri, outcome.mlflow_run_id, "interrupted (Ctrl-C or SIGTERM): the rounds logged so far "
+                            "are kept; checkpoint.resume=<this run id> continues it")
+            except Exception:  # noqa: BLE001 - stopping matters more than the record
+                pass
+        raise
     outcome.ended_at = time.time()
     outcome.wall_time_s = time.perf_counter() - started
     _settle(outcome, superlink, tracking_uri, proc.returncode)

@@ -25,7 +25,9 @@ launcher's imports, the SuperLink stop and exit included); for the sweeps it
 is from the job's start to the next job's start (Hydra's bookkeeping between
 jobs included; the last job: to the sweep's exit minus its report).
 
-The tree of the benchmarked command is sampled every 0.5 s (``/proc``): how
+The tree of the benchmarked command is sampled every 0.5 s (``/proc``): the
+CPU seconds all its processes used per job (a measure that, unlike wall time,
+does not depend much on what else runs on the machine), and how
 long after a sweep job's end its ClientApp actor processes are gone shows
 whether a finished job released its actors before the next one needed them
 (Ray kills a job's actors when its driver, the job's ``flwr-simulation``, exits).
@@ -111,6 +113,17 @@ def timelines(arm: str, outcomes: list[dict], starts: list[float], ends: list[fl
     return rows
 
 
+def job_cpu_s(arm: str, rows: list[dict[str, float]], samplers: list[TreeSampler]) -> list[float]:
+    """CPU seconds of every process of each job (its rounds included), from the sampled trees.
+
+    ``separate``: one tree per job, the whole command; sweeps: the sweep's
+    tree between the job's start and the next job's start (the last: its end)."""
+    if arm == "separate":
+        return [max((s.cpu_s for s in sampler.samples), default=float("nan")) for sampler in samplers]
+    (sampler,) = samplers
+    return [sampler.cpu_at(row["job_end"]) - sampler.cpu_at(row["command_start"]) for row in rows]
+
+
 def fixed_cost(row: dict[str, float]) -> float:
     return (row["job_end"] - row["command_start"]) - (row["last_round_done"] - row["nodes_discovered"])
 
@@ -149,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         log = out / f"{arm}.outcomes.jsonl"
         console.print(f"[bold]{arm}[/bold]: {args.jobs} jobs …")
-        starts, ends, samples, codes = [], [], [], []
+        starts, ends, samples, codes, samplers = [], [], [], [], []
         began = time.time()
         if arm == "separate":
             for seed in seeds:
                 s, e, code, sampler = run_command([sys.executable, "-m", "fl_server.launch", *overrides, f"seed={seed}"],
                                                   log, env, args.timeout)
                 starts.append(s), ends.append(e), codes.append(code), samples.extend(sampler.samples)
+                samplers.append(sampler)
             sweep_sampler = None
         else:
             command = [sys.executable, "-m", "scripts.sweep", "--multirun", *overrides,
@@ -163,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             if arm == "sweep-own-ray":
                 command.append("simulation.shared_ray=false")
             s, e, code, sweep_sampler = run_command(command, log, env, args.timeout)
-            starts, ends, codes, samples = [s], [e], [code], sweep_sampler.samples
+            starts, ends, codes, samples, samplers = [s], [e], [code], sweep_sampler.samples, [sweep_sampler]
         outcomes = read_outcomes(log)
         rows = timelines(arm, outcomes, starts, ends)
         results[arm] = {
             "wall_s": time.time() - began, "exit_codes": codes, "ok": [o["ok"] for o in outcomes],
             "rows": rows, "fixed_s": [fixed_cost(r) for r in rows],
             "rounds_s": [r["last_round_done"] - r["nodes_discovered"] for r in rows],
+            "cpu_s": job_cpu_s(arm, rows, samplers),
             "actor_release_s": actor_release_s(rows, sweep_sampler) if sweep_sampler else [],
             "peak_pss_mb": max((x.pss_mb for x in samples), default=float("nan")),
         }
@@ -191,16 +206,19 @@ def report(results: dict[str, dict], args, out: Path) -> None:
     table = Table(title=f"per-job fixed cost, {args.jobs} jobs of {args.rounds} round(s) x {args.clients} clients (s)",
                   title_justify="left")
     for column in ("arm", "job 1", "jobs 2..n (mean)", "min..max 2..n", "rounds (mean)", "whole arm",
-                   "vs separate (jobs 2..n)", "actors released (s after job end)", "peak PSS MB"):
+                   "vs separate (jobs 2..n)", "CPU s per job 2..n (all processes)", "actors released (s after job end)",
+                   "peak PSS MB"):
         table.add_column(column, justify="left" if column == "arm" else "right")
     base = _mean(results.get("separate", {}).get("fixed_s", [float("nan")])[1:])
     lines = ["| arm | job 1 | jobs 2..n (mean) | min..max 2..n | rounds (mean) | whole arm | vs separate | "
-             "actors released (s after job end) | peak PSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "CPU s per job 2..n | actors released (s after job end) | peak PSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in results.items():
         fixed, later = r["fixed_s"], r["fixed_s"][1:]
         cells = [arm, f"{fixed[0]:.1f}" if fixed else "-", f"{_mean(later):.1f}",
                  f"{min(later):.1f}..{max(later):.1f}" if later else "-", f"{_mean(r['rounds_s']):.1f}",
                  f"{r['wall_s']:.0f}", f"{_mean(later) / base:.2f}x" if base == base and later else "-",
+                 f"{_mean(r.get('cpu_s', [float('nan')])[1:]):.1f}",
                  " ".join(f"{x:.1f}" for x in r["actor_release_s"]) or "-", f"{r['peak_pss_mb']:.0f}"]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")

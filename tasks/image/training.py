@@ -81,17 +81,24 @@ def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy, macro-F1, per-class recall and the weakest class's recall."""
-    from sklearn.metrics import f1_score, recall_score  # lazy: clients never need it
+    """Accuracy, macro-F1, per-class recall and the weakest class's recall.
 
-    labels = list(range(num_classes))
-    recalls = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    The same numbers as scikit-learn's ``recall_score`` / ``f1_score`` with
+    ``labels=range(num_classes)`` and ``zero_division=0`` (F1 = 2 tp / (true +
+    predicted), as sklearn computes it), from label counts: importing sklearn
+    cost every run ~1.4 s on its round-0 evaluation, on the critical path."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    tp = np.bincount(y_true[y_true == y_pred], minlength=num_classes)[:num_classes].astype(np.float64)
+    true_sum = np.bincount(y_true, minlength=num_classes)[:num_classes].astype(np.float64)
+    pred_sum = np.bincount(y_pred, minlength=num_classes)[:num_classes].astype(np.float64)
+    recalls = np.divide(tp, true_sum, out=np.zeros(num_classes), where=true_sum > 0)
+    f1 = np.divide(2 * tp, true_sum + pred_sum, out=np.zeros(num_classes), where=(true_sum + pred_sum) > 0)
     metrics = {
         "accuracy": float(np.mean(y_true == y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(np.mean(f1)),
         "weakest_class_recall": float(recalls.min()),
     }
-    metrics.update({f"recall_class_{c}": float(r) for c, r in zip(labels, recalls)})
+    metrics.update({f"recall_class_{c}": float(r) for c, r in enumerate(recalls)})
     return metrics
 
 

@@ -89,6 +89,11 @@ def test_a_terminated_sweep_stops_its_superlink_ray_head_simulation_and_actors(t
         under_head = descendants(head)
         assert any(c.startswith("ray::ClientAppActor") for c in _commands(under_head).values())  # it joined the head
         assert not any("gcs_server" in c for pid, c in started.items() if pid not in under_head)  # and has no Ray of its own
+        client = MlflowClient(sqlite_uri(tmp_path))
+        while len(client.search_runs([e.experiment_id for e in client.search_experiments()])) < 2:
+            assert time.monotonic() < deadline + 60, "the job's MLflow run was not created"
+            time.sleep(0.5)
+        time.sleep(2)  # the launcher reads the job's run id from the streamed log
         # Execute
         sweep.send_signal(signal.SIGTERM)
         code = sweep.wait(timeout=90)
@@ -97,6 +102,9 @@ def test_a_terminated_sweep_stops_its_superlink_ray_head_simulation_and_actors(t
         time.sleep(1)
         alive = {pid: c for pid, c in _commands(started).items() if c == started[pid]}
         assert not alive, alive
+        # the sweep's parent and the interrupted job: FAILED, with why
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert runs and all(r.info.status == "FAILED" and "interrupted" in r.data.tags["fc.failure_reason"] for r in runs)
     finally:
         if sweep.poll() is None:
             sweep.kill()
