@@ -167,6 +167,26 @@ def test_a_client_cuts_only_its_own_sites_windows_and_they_equal_the_full_views(
     assert subset.site_ids() == ["1", "3"]
 
 
+def test_above_eval_sites_the_server_scores_a_fixed_sample_but_weighs_every_client():
+    # Prepare: 6 clients, the server scores 2 of them
+    from fl_common.per_client import sample_clients
+    from tasks.forecast.server import ForecastServer
+
+    cfg = compose_config([*SMALL, "clients.num=6", "task.eval_sites=2"])
+    full = build_forecast_data(ForecastSpec.from_config(cfg))
+    # Execute
+    server = ForecastServer(cfg)
+    metrics = server.evaluate(0, server.initial_arrays())
+    # Assert: the same fixed sample every run, only those sites' keys, every client's size
+    scored = sample_clients(6, 2)
+    assert server.eval_clients == scored and len(scored) == 2
+    assert server.data.site_ids() == [full.sites[i].site for i in scored]
+    assert {k.split("_")[0] for k in metrics if k.startswith("site")} == {f"site{full.sites[i].site}" for i in scored}
+    assert server.client_sizes == [len(site) for site in full.sites]
+    every = ForecastServer(compose_config([*SMALL, "clients.num=6", "task.eval_sites=null"]))
+    assert every.eval_clients is None and len(every.data.sites) == 6
+
+
 def test_forecasting_with_fedavgm_and_an_lstm_runs(tracking_uri):
     cfg = compose_config([*SMALL, "strategy=fedavgm", "task.model=lstm", "num_rounds=1"])
     final = run_experiment(FakeGrid(range(4), forecast_client()), cfg, tracking_uri)
