@@ -82,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
         protocol.TRAIN_TIME_S: time.perf_counter() - started,
     }
     metrics.update(virtual_cost(config, run, update, msg.content["arrays"], arrays))
-    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    uploads = {protocol.UPLOAD_PREFIX + name: record for name, record in update.uploads.items()}
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), **uploads}), reply_to=msg)
 
 
 @lru_cache(maxsize=4)
@@ -102,9 +103,10 @@ def virtual_cost(config: ConfigRecord, run: ClientRound, update: LocalUpdate,
     fleet = _fleet(str(config[protocol.DEVICES]))
     seed = int(config[protocol.SEED])
     profile = fleet.profiles[_devices(str(config[protocol.DEVICES]), run.num_clients, seed)[run.partition_id]]
+    up_bytes = sent.count_bytes() + sum(record.count_bytes() for record in update.uploads.values())
     cost = round_cost(
         fleet, profile, update.train_flops,
-        down_bytes=received.count_bytes(), up_bytes=sent.count_bytes(),
+        down_bytes=received.count_bytes(), up_bytes=up_bytes,
         seed=seed, client=run.partition_id, server_round=run.server_round,
     )
     return {
@@ -112,7 +114,7 @@ def virtual_cost(config: ConfigRecord, run: ClientRound, update: LocalUpdate,
         protocol.VC_DOWNLINK_S: cost.downlink_s,
         protocol.VC_UPLINK_S: cost.uplink_s,
         protocol.VC_ENERGY_J: cost.energy_j,
-        protocol.VC_UP_BYTES: float(sent.count_bytes()),
+        protocol.VC_UP_BYTES: float(up_bytes),
     }
 
 

@@ -33,6 +33,9 @@ VC_DURATION_KEYS = (VC_DOWNLINK_S, VC_COMPUTE_S, VC_UPLINK_S)
 # the message that node received, as they crossed the wire (compressed, if so); hierarchical aggregation
 # (strategies/hierarchical.py) forwards them over its links
 WIRE_UP_BYTES, WIRE_DOWN_BYTES = "wire-up-bytes", "wire-down-bytes"
+# records a client sends beside its model, named "upload-<name>" in the reply (e.g. the raw hard cases a
+# config lets the cloud store): counted in the uplink bytes, handed to the task's server, never aggregated
+UPLOAD_PREFIX = "upload-"
 # bookkeeping keys that are not training metrics (the strategy's aggregated metrics skip them)
 BOOKKEEPING = (NUM_EXAMPLES, PARTITION_ID, DISPATCH_ROUND, WIRE_UP_BYTES, WIRE_DOWN_BYTES)
 

@@ -82,6 +82,11 @@ class LocalUpdate:
         Training metrics (``train_loss``, ``train_return``, ...).
     declined : object, optional
         The DP-SGD outcome when the budget forbade this round (no update).
+    uploads : dict of str to ArrayRecord
+        Data the client sends beside its model, only where the config allows
+        it (e.g. raw hard cases the cloud may store): counted in the uplink
+        bytes and the virtual uplink time, handed to
+        :meth:`ServerTask.receive_uploads`, never aggregated.
     """
 
     arrays: ArrayRecord
@@ -89,6 +94,7 @@ class LocalUpdate:
     train_flops: float
     metrics: dict[str, float] = field(default_factory=dict)
     declined: Any = None
+    uploads: dict[str, ArrayRecord] = field(default_factory=dict)
 
 
 class ServerTask(ABC):
@@ -108,6 +114,10 @@ class ServerTask(ABC):
     needs_client_models : bool
         The server keeps each client's last trained model (``client_models``),
         e.g. to evaluate what each RL site deploys with a personal head.
+    receives_uploads : bool
+        The clients may send data beside their models (``LocalUpdate.uploads``):
+        the engine strips it from the replies before aggregation and hands it
+        to :meth:`receive_uploads`.
     """
 
     num_clients: int
@@ -116,6 +126,7 @@ class ServerTask(ABC):
     headline: tuple[str, ...] = ()
     shown: tuple[str, ...] = ()
     needs_client_models: bool = False
+    receives_uploads: bool = False
     client_models: dict[int, dict[str, Any]]
 
     @abstractmethod
@@ -151,6 +162,10 @@ class ServerTask(ABC):
 
     def log_inputs(self, tracker: Any) -> None:
         """Artifacts and step-0 metrics describing the data (new runs only)."""
+
+    def receive_uploads(self, partition: int, server_round: int, uploads: dict[str, ArrayRecord]) -> None:
+        """What client ``partition`` sent beside its model in ``server_round``
+        (only where ``receives_uploads``; before the round's aggregation)."""
 
     def after_round(self, server_round: int, arrays: ArrayRecord, tracker: Any) -> None:
         """Per-round artifacts beyond metrics (e.g. the RL policy)."""

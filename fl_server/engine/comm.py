@@ -147,3 +147,36 @@ class ReplyRecorder(GridWrapper):
             partition = int(reply.content["metrics"][protocol.PARTITION_ID])
             self.latest[partition] = reply.content["arrays"].to_torch_state_dict()
         return replies
+
+
+class UploadCollector(GridWrapper):
+    """The Grid, taking the data clients send beside their models out of the
+    training replies (``upload-<name>`` records) and handing it to ``sink``
+    before anything aggregates; wrapped around :class:`AccountingGrid`, whose
+    byte count includes it.
+
+    Parameters
+    ----------
+    grid : Grid
+    sink : callable
+        ``(partition, dispatch_round, {name: ArrayRecord})`` per reply with uploads.
+    """
+
+    def __init__(self, grid: Grid, sink) -> None:
+        super().__init__(grid)
+        self.sink = sink
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error() or reply.metadata.message_type != MessageType.TRAIN:
+                continue
+            names = [key for key in reply.content.keys() if key.startswith(protocol.UPLOAD_PREFIX)]
+            if not names:
+                continue
+            uploads = {key.removeprefix(protocol.UPLOAD_PREFIX): reply.content[key] for key in names}
+            for key in names:
+                del reply.content[key]
+            metrics = reply.content["metrics"]
+            self.sink(int(metrics[protocol.PARTITION_ID]), int(metrics[protocol.DISPATCH_ROUND]), uploads)
+        return replies

@@ -30,7 +30,7 @@ from fl_common.costs import check_memory
 from fl_common.per_client import sample_clients
 from fl_server.engine import fault_handling, protection
 from fl_server.engine.checkpoint import RunCheckpoints
-from fl_server.engine.comm import ReplyRecorder
+from fl_server.engine.comm import ReplyRecorder, UploadCollector
 from fl_server.engine.per_client import limit_per_client
 from fl_server.engine.rounds import RoundDriver
 from fl_server.engine.virtual_clock import VirtualClock
@@ -168,11 +168,10 @@ def _run_tracked(
     tracker.log_text("client,device\n" + "".join(f"{i},{d}\n" for i, d in enumerate(devices)),
                      "data/client_devices.csv")
     wire = protection.accounting_grid(grid, cfg)  # bytes per round; compression if configured
+    driver_grid = UploadCollector(wire, server.receive_uploads) if server.receives_uploads else wire
     if server.needs_client_models:  # outside the accounting grid: it sees decoded models
-        recorder = ReplyRecorder(wire)
+        recorder = ReplyRecorder(driver_grid)
         server.client_models, driver_grid = recorder.latest, recorder
-    else:
-        driver_grid = wire
 
     keep = sample_clients(server.num_clients, cfg.tracking.per_client_limit)  # None: every client
     keep = None if keep is None else frozenset(keep)

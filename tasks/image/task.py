@@ -46,11 +46,14 @@ class LocalPlan:
         Extra training metrics of the round.
     forward_passes : int
         Samples the plan itself ran forward (charged to the virtual clock).
+    uploads : dict of str to ArrayRecord
+        Data sent beside the model (:attr:`tasks.base.LocalUpdate.uploads`).
     """
 
     weights: np.ndarray | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     forward_passes: int = 0
+    uploads: dict[str, ArrayRecord] = field(default_factory=dict)
 
 
 def _partition(spec: DataSpec, partition_id: int):
@@ -135,6 +138,7 @@ class ImageTask(Task):
             # fwd + 2x bwd per training sample, plus the plan's own forward passes
             train_flops=forward_flops * (3 * len(data) * settings["local_epochs"] + plan.forward_passes),
             metrics={"train_loss": loss, **metrics},
+            uploads=plan.uploads,
         )
 
     def evaluate(self, arrays: ArrayRecord, run: ClientRound) -> dict[str, float]:

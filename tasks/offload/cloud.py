@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fl_datasets.federated import CACHE_ENV, DataSpec, FederatedImageData
+from fl_datasets.sources import LabelledImages
 from tasks.image.models import MODELS, build_model
 from tasks.image.training import train_local
 from tasks.offload.policy import check, number
@@ -40,6 +41,7 @@ class CloudSettings:
     momentum: float
     batch_size: int
     device: str
+    finetune_epochs: int = 2
 
     def validate(self, where: str = "task.cloud") -> None:
         check(self.model in MODELS, f"{where}.model={self.model} is unknown: choose one of {', '.join(MODELS)}")
@@ -49,6 +51,9 @@ class CloudSettings:
               f"{where}.momentum={self.momentum} is invalid: use a value in [0, 1)")
         check(isinstance(self.batch_size, int) and self.batch_size >= 1,
               f"{where}.batch_size={self.batch_size} is invalid: use an integer >= 1")
+        check(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 1,
+              f"{where}.finetune_epochs={self.finetune_epochs} is invalid: use an integer >= 1 (epochs per round "
+              "on the cloud's set plus the stored hard cases)")
 
 
 def cloud_model(spec: DataSpec, data: FederatedImageData, settings: CloudSettings, seed: int):
@@ -77,4 +82,30 @@ def cloud_model(spec: DataSpec, data: FederatedImageData, settings: CloudSetting
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".pt", delete=False) as tmp:
             torch.save(model.state_dict(), tmp)
         os.replace(tmp.name, path)  # atomic: readers never see a partial file
+    return model
+
+
+def finetuned(base, own: LabelledImages, stored: LabelledImages, settings: CloudSettings, seed: int):
+    """A copy of the cloud model ``base`` fine-tuned on its own set plus the
+    hard cases the clients uploaded (``task.hard_cases.cloud_store``).
+
+    Always from ``base`` (trained on the cloud's set only), never from the
+    previous round's fine-tuned copy, so a round's model depends on the
+    hard cases stored now, not on the history of earlier ones.
+    """
+    import copy
+
+    import numpy as np
+    import torch
+
+    model = copy.deepcopy(base)
+    data = LabelledImages(np.concatenate([own.x, stored.x]), np.concatenate([own.y, stored.y]),
+                          np.concatenate([own.origin, stored.origin]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_local(model, data, epochs=settings.finetune_epochs, batch_size=settings.batch_size, lr=settings.lr,
+                    momentum=settings.momentum, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     return model

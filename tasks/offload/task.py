@@ -40,7 +40,7 @@ from tasks.image.models import model_costs
 from tasks.image.task import HEADLINE, SHOWN, ImageServer, ImageTask, LocalPlan
 from tasks.image.training import classification_metrics, probabilities
 from tasks.offload import hard_cases
-from tasks.offload.cloud import CloudSettings, cloud_model
+from tasks.offload.cloud import CloudSettings, cloud_model, finetuned
 from tasks.offload.hard_cases import HardCaseSettings
 from tasks.offload.policy import MODES, PolicySettings, check, number, settings_from
 from tasks.offload.serving import (
@@ -105,6 +105,9 @@ class OffloadTask(ImageTask):
         devices = sorted(cfg.devices.profiles)
         check(settings.cloud.device in devices,
               f"task.cloud.device={settings.cloud.device} is unknown: choose one of {', '.join(devices)} (devices.profiles)")
+        check(not (settings.hard_cases.cloud_store and cfg.privacy.secagg.enabled),
+              "task.hard_cases.cloud_store=true sends raw hard cases in the clear beside the model, which SecAgg+ "
+              "is meant to hide: set task.hard_cases.cloud_store=false or privacy=none")
         check(not (settings.hard_cases.enabled and cfg.privacy.dpsgd.enabled),
               "task.hard_cases.enabled=true weighs hard cases up, which DP-SGD's per-sample accounting does not cover: "
               "set task.hard_cases.enabled=false or privacy=none")
@@ -146,10 +149,14 @@ class OffloadTask(ImageTask):
         found = hard_cases.collect(confidence, settings["theta"], settings["max_fraction"])
         hard_cases.store(run.state, found, confidence[found], probs.argmax(axis=1)[found], run.server_round)
         size = max(len(data), 1)
+        uploads = {}
+        if settings.get("cloud_store"):  # the config lets raw hard cases leave the client
+            uploads[hard_cases.UPLOAD] = hard_cases.as_upload(data.x[found], data.y[found])
         return LocalPlan(
             weights=hard_cases.loss_weights(len(data), previous, settings["boost"]) if len(previous) else None,
             metrics={"hard_cases_used_fraction": len(previous) / size, "hard_cases_found_fraction": len(found) / size},
             forward_passes=len(data),  # the scoring pass
+            uploads=uploads,
         )
 
 
@@ -170,7 +177,33 @@ class OffloadServer(ImageServer):
             edge_flops=model_costs(str(cfg.task.model), self.spec.num_classes)[0],
             cloud_flops=model_costs(cloud.model, self.spec.num_classes)[0],
         )
-        self.cloud_pred = probabilities(cloud_model(self.spec, self.data, cloud, self.seed), self.data.test.x).argmax(axis=1)
+        self.cloud_base = cloud_model(self.spec, self.data, cloud, self.seed)
+        self.cloud_pred = probabilities(self.cloud_base, self.data.test.x).argmax(axis=1)
+        # task.hard_cases.cloud_store: each client's latest uploaded hard cases, and whether the
+        # cloud model has been fine-tuned on the current ones
+        self.receives_uploads = self.settings.hard_cases.cloud_store
+        self.stored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.stored_changed = False
+
+    def receive_uploads(self, partition: int, server_round: int, uploads: dict[str, ArrayRecord]) -> None:
+        if hard_cases.UPLOAD in uploads:
+            self.stored[partition] = hard_cases.from_upload(uploads[hard_cases.UPLOAD])
+            self.stored_changed = True
+
+    def _refresh_cloud(self, server_round: int) -> dict[str, float]:
+        """Fine-tune the cloud model on its set + the stored hard cases, when they changed."""
+        if not self.receives_uploads:
+            return {}
+        count = sum(len(y) for _, y in self.stored.values())
+        if self.stored_changed and count:
+            x = np.concatenate([x for x, _ in self.stored.values()])
+            y = np.concatenate([y for _, y in self.stored.values()])
+            stored = LabelledImages(x, y, np.full(len(y), -1))
+            model = finetuned(self.cloud_base, self.data.cloud, stored, self.settings.cloud, self.seed + server_round)
+            self.cloud_pred = probabilities(model, self.data.test.x).argmax(axis=1)
+            self.stored_changed = False
+        cloud = classification_metrics(self.data.test.y, self.cloud_pred, self.spec.num_classes)
+        return {"cloud_store_samples": float(count), "cloud_test_accuracy": cloud["accuracy"]}
 
     def train_config(self) -> dict[str, Any]:
         serving = {"theta": float(self.settings.policy.theta), **asdict(self.settings.hard_cases)}
@@ -195,6 +228,7 @@ class OffloadServer(ImageServer):
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         metrics = super().evaluate(server_round, arrays)
+        metrics.update(self._refresh_cloud(server_round))
         confidence, edge_pred = self._edge(arrays)
         figures = self.serve_test(confidence, edge_pred, self.settings.policy, self.stream(self.settings.link, server_round))
         metrics.update({PREFIX + k: v for k, v in figures.items()})

@@ -61,9 +61,11 @@ def test_all_zero_products_fall_back_to_sample_shares():
 
 
 def _strategy(per_class_by_value, **kwargs):
-    """A strategy whose 'public validation' reads accuracies off the model's first value."""
+    """A strategy whose 'public validation' reads accuracies off the model's first value
+    (NaN scores for a value it does not know, e.g. a NaN model's)."""
     return AccuracyStabilitySize(
-        evaluate_per_class=lambda record: per_class_by_value[float(record.to_numpy_ndarrays()[0][0])],
+        evaluate_per_class=lambda record: per_class_by_value.get(float(record.to_numpy_ndarrays()[0][0]),
+                                                                 np.full(2, np.nan)),
         min_available_nodes=1, min_train_nodes=1, **kwargs,
     )
 
@@ -90,6 +92,20 @@ def test_nan_or_inf_models_are_rejected_not_averaged():
     # A and B only: sd [0.1, 0.0] -> W = [0, 1] -> all weight on B
     np.testing.assert_allclose(new.to_numpy_ndarrays()[0], [2.0])
     assert metrics["ass_rejected"] == 2
+
+
+def test_a_broken_model_is_rejected_even_where_it_scores_finite_or_gets_zero_weight():
+    # Prepare: the NaN model scores finite (as a real network's argmax does) and is the least
+    # stable of three, so with floor 0 the optimistic weighted sum would give it weight 0
+    scores = {1.0: ACC[0], 2.0: ACC[1], 3.0: np.array([0.0, 1.0])}
+    strategy = _strategy(scores, alpha=1, beta=0, gamma=0, floor=0.0)
+    replies = [train_reply(arrays([1.0], [0.0]), 100, node_id=1), train_reply(arrays([2.0], [0.0]), 50, node_id=2),
+               train_reply(arrays([3.0], [np.nan]), 10, node_id=3)]
+    # Execute
+    new, metrics = strategy.aggregate_train(1, replies)
+    # Assert: as if it had never come (A and B only: all weight on the stable B)
+    np.testing.assert_allclose(new.to_numpy_ndarrays()[0], [2.0])
+    assert metrics["ass_rejected"] == 1
 
 
 def test_only_broken_models_aggregate_to_nothing():

@@ -71,6 +71,33 @@ def test_dp_sgd_trains_the_edge_model_once_the_cache_is_off(tracking_uri, tmp_pa
     assert metrics["epsilon_max"][0] > 0 and len(metrics["offload_fraction"]) == 2
 
 
+def test_raw_hard_cases_reach_the_cloud_only_where_the_config_allows_it(tracking_uri, tmp_path):
+    # Execute: the same job with and without the cloud store
+    kept, _, _ = run(tracking_uri, tmp_path, rounds=2)
+    stored, _, contexts = run(tracking_uri, tmp_path, "task.hard_cases.cloud_store=true", rounds=2)
+    # Assert: round 1 trains alike; the raw cases add their bytes (8-bit pixels + labels, 785 B
+    # a case) to the uplink and the cloud stores and fine-tunes on them; the clients still keep
+    # only metadata, and the strategy averaged models only (same accuracy in round 1)
+    assert stored["test_accuracy"][:2] == kept["test_accuracy"][:2]
+    found = sum(len(c.state[STATE_KEY]["positions"]) for c in contexts.values())  # round 2's cases
+    assert stored["cloud_store_samples"][-1] == found > 0
+    extra = stored["uplink_bytes"][-1] - kept["uplink_bytes"][-1]
+    assert 785 * found <= extra <= 785 * found + 3 * 2048  # + each record's framing
+    assert "cloud_store_samples" not in kept
+    assert stored["vc_up_bytes"][-1] > kept["vc_up_bytes"][-1]
+
+
+def test_uploads_round_trip_as_8_bit_pixels():
+    import numpy as np
+
+    from tasks.offload.hard_cases import as_upload, from_upload
+
+    images = np.array([[[[0.0, 1.0], [0.5, 0.2]]]], dtype=np.float32)
+    x, y = from_upload(as_upload(images, np.array([7])))
+    np.testing.assert_allclose(x, np.rint(images * 255) / 255, atol=1e-7)
+    assert y.tolist() == [7] and x.dtype == np.float32
+
+
 @requires_breastmnist
 def test_breastmnist_runs_with_its_own_cloud_split(tracking_uri, tmp_path):
     metrics, _, _ = run(tracking_uri, tmp_path, "task=offload-breastmnist", "task.cloud_per_class=20", rounds=1)
@@ -86,6 +113,10 @@ def test_breastmnist_runs_with_its_own_cloud_split(tracking_uri, tmp_path):
     (["task.cloud.device=tpu"], r"task.cloud.device=tpu is unknown: choose one of cloud-cpu, cloud-gpu"),
     (["task.cloud_per_class=0"], r"task.cloud_per_class=0 is invalid: the cloud model needs its own data"),
     (["privacy=dpsgd"], r"task.hard_cases.enabled=true weighs hard cases up, which DP-SGD's"),
+    (["task.hard_cases.enabled=false", "task.hard_cases.cloud_store=true"],
+     r"task.hard_cases.cloud_store=true needs the cache: set task.hard_cases.enabled=true"),
+    (["task.hard_cases.cloud_store=yes"], r"task.hard_cases.cloud_store=yes is invalid: use true or false"),
+    (["task.cloud.finetune_epochs=0"], r"task.cloud.finetune_epochs=0 is invalid: use an integer >= 1"),
 ])
 def test_bad_offload_settings_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
