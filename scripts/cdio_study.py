@@ -133,7 +133,8 @@ def ablation_table(table: pd.DataFrame) -> str:
     mean = table.groupby("policy")[["accuracy", "delay_ms", "compute_tflop", "bandwidth_mb", "energy_j",
                                     "success_both"]].mean()
     arms = ("rpp-only", "cdco-only", "cdio")
-    ours = [("accuracy (%)", "accuracy", 100, 2), ("delay (ms)", "delay_ms", 1, 2), ("computing (GFLOP)", "compute_tflop", 1000, 3),
+    ours = [("accuracy (%)", "accuracy", 100, 2), ("delay (ms)", "delay_ms", 1, 2),
+            ("computing (GFLOP)", "compute_tflop", 1000, 3),
             ("bandwidth (KB)", "bandwidth_mb", 1000, 1), ("energy (mJ)", "energy_j", 1000, 2),
             ("success, acc & delay (%)", "success_both", 100, 1)]
     paper = {"accuracy (%)": "accuracy", "delay (ms)": "delay", "computing (GFLOP)": "computing",

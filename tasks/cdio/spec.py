@@ -83,7 +83,8 @@ class CDIOSpec:
                                 tight_share=tuple(_number(v, "task.stream.tight_share", 0.0, 1.0) for v in s.tight_share))
         _check(len(stream.tight_share) == 2, f"task.stream.tight_share={list(s.tight_share)} is invalid: give [first, last]")
         placement = PlacementSettings(
-            slots=_whole(p.slots, "task.placement.slots"), tasks_per_site=_whole(p.tasks_per_site, "task.placement.tasks_per_site"),
+            slots=_whole(p.slots, "task.placement.slots"),
+            tasks_per_site=_whole(p.tasks_per_site, "task.placement.tasks_per_site"),
             frames=stream.frames, cost_weight=_number(p.cost_weight, "task.placement.cost_weight", 0.0, 0.999),
             phi=_number(p.phi, "task.placement.phi", 0.0), exploration=_number(p.exploration, "task.placement.exploration", 0.0),
             threshold_bin=_whole(p.threshold_bin, "task.placement.threshold_bin", 0),

@@ -204,7 +204,8 @@ def test_a_federated_run_trains_the_predictor_and_logs_the_placement(tracking_ur
 
     from tests.conftest import run_in_process
 
-    metrics, run_id, _ = run_in_process(tracking_uri, [*BASE, "num_rounds=2", "seed=1", f"checkpoint.dir={tmp_path}",
+    metrics, run_id, _ = run_in_process(tracking_uri, [*BASE, "num_rounds=2", "task.rpp.epochs=6", "seed=1",
+                                                       f"checkpoint.dir={tmp_path}",
                                                        "tracking.log_model=false"])
     assert metrics["rpp_exact_acc"][-1] > metrics["rpp_majority_acc"][-1]
     assert metrics["rpp_bce"][-1] < metrics["rpp_bce"][0]
