@@ -2,7 +2,8 @@
 of CDIO, its ablations and the baselines, stable vs +-20 % fluctuating bandwidth.
 
     python -m scripts.cdio_study [--seeds 0 1 2] [--deployments v1 v2] [--rounds 5] [--sites 4]
-        [--slots 1000] [--quick] [--experiment fedcontinuum-cdio-study] [extra Hydra overrides ...]
+        [--slots 1000] [--quick] [--experiment fedcontinuum-cdio-study] [--reports-dir reports]
+        [extra Hydra overrides ...]
     python -m scripts.cdio_study --report PARENT_RUN_ID   # rebuild the tables and plots
 
 Runs, per deployment (paper 004 Table 2's shape: the cloud's model ~6x (v1)
@@ -65,7 +66,7 @@ def run_study(args: argparse.Namespace, tracking_uri: str) -> str:
     started = time.perf_counter()
     outcomes = run_jobs(jobs(args), parent.run_id, tracking_uri, console)
     MlflowClient(tracking_uri).log_metric(parent.run_id, "study_wall_time_s", time.perf_counter() - started)
-    report(parent.run_id, tracking_uri, command=args.command)
+    report(parent.run_id, tracking_uri, out=args.reports_dir, command=args.command)
     close_parent(parent, outcomes)
     return parent.run_id
 
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="fedcontinuum-cdio-study")
     parser.add_argument("--tracking-uri", default=default_tracking_uri())
     parser.add_argument("--report", metavar="PARENT_RUN_ID", help="only rebuild the report of a finished study")
+    parser.add_argument("--reports-dir", default="reports", help="where the markdown and the plots go (default: reports)")
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides for every job")
     args = parser.parse_args(argv)
     if args.quick:
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     args.command = " ".join(["python -m scripts.cdio_study", *(shlex.quote(a) for a in given)])
     if args.report:
-        report(args.report, args.tracking_uri)
+        report(args.report, args.tracking_uri, out=args.reports_dir)
         return 0
     parent = run_study(args, args.tracking_uri)
     console.print(f"rebuild with: python -m scripts.cdio_study --report {parent}")
