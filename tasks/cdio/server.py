@@ -91,6 +91,16 @@ class CDIOServer(ServerTask):
                               for t, r in enumerate(curves[policy]))
         return rows, regret
 
+    def log_regret(self, tracker: Any, regret: list[dict[str, Any]], every: int = 10) -> None:
+        """The learning policies' cumulative regret as MLflow series (step = slot, every ``every`` slots)."""
+        series: dict[int, dict[str, float]] = {}
+        for r in regret:
+            if r["policy"] in ("cdio", "cdco-only") and (r["slot"] % every == 0 or r["slot"] == 1):
+                key = f"regret_{r['bandwidth']}_{r['policy'].replace('-', '_')}"
+                series.setdefault(int(r["slot"]), {})[key] = r["cumulative_regret"]
+        for slot, metrics in sorted(series.items()):
+            tracker.log_metrics(metrics, step=slot)
+
     def report(self, tracker: Any, history: list[dict[str, Any]], final: ArrayRecord, run_name: str) -> dict[str, float]:
         if not self.spec.final_study:
             return {}
@@ -101,6 +111,7 @@ class CDIOServer(ServerTask):
         tracker.log_text(_csv(regret), "cdio/regret.csv")
         tracker.log_figure(lambda: grid_figure(rows, run_name), "plots/cdio_policies.png")
         tracker.log_figure(lambda: regret_figure(regret, run_name), "plots/cdio_regret.png")
+        self.log_regret(tracker, regret)
         return {f"final_{r['bandwidth']}_{r['policy'].replace('-', '_')}_success_both": r["success_both"] for r in rows}
 
 

@@ -212,3 +212,5 @@ def test_a_federated_run_trains_the_predictor_and_logs_the_placement(tracking_ur
     assert 0 <= metrics["cdio_success_both"][-1] <= 1 and metrics["vc_compute_s"][0] > 0
     artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run_id, "cdio")}
     assert artifacts == {"cdio/grid.csv", "cdio/regret.csv"}
+    regret = metrics["regret_fluctuating_cdio"]  # per step (slot 1, 10, ..., 40), cumulative
+    assert len(regret) == 5 and all(b >= a for a, b in zip(regret, regret[1:]))
