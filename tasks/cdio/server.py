@@ -39,6 +39,7 @@ class CDIOServer(ServerTask):
         self.model = build_rpp(spec.hidden, spec.layers, seed=spec.seed)
         held = [site_data(spec, site, "holdout") for site in range(spec.num_sites)]
         self.holdout = np.concatenate([x for x, _ in held]), np.concatenate([y for _, y in held])
+        self._validation: tuple[np.ndarray, np.ndarray] | None = None
         self.twins = {"stable": spec.twin(0.0, self.measured), "fluctuating": spec.twin(spec.fluctuation, self.measured)}
         length = spec.placement.slots * spec.placement.tasks_per_site
         self.streams = [build_stream(spec.stream, self.measured, site, spec.num_sites, length,
@@ -72,6 +73,13 @@ class CDIOServer(ServerTask):
         summary, curves = self.place(arrays, "stable", self.spec.round_slots, ("cdio",))
         metrics.update({PREFIX + k: float(v) for k, v in summary["cdio"].items()})
         return metrics
+
+    def validation_score(self, arrays: ArrayRecord) -> float:
+        """Minus the BCE on every site's validation tasks (the rollout guard; higher is better)."""
+        if self._validation is None:
+            parts = [site_data(self.spec, site, "validation") for site in range(self.spec.num_sites)]
+            self._validation = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+        return -scores(load_rpp(self.spec, arrays), *self._validation)["bce"]
 
     def log_inputs(self, tracker: Any) -> None:
         y = self.holdout[1]

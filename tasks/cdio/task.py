@@ -88,12 +88,14 @@ def load_rpp(spec, arrays: ArrayRecord):
 
 
 def site_data(spec, site: int, part: str) -> tuple[np.ndarray, np.ndarray]:
-    """(windows, labels) of one site's training or held-out tasks."""
+    """(windows, labels) of one site's ``train``, ``holdout`` (the logged scores) or ``validation``
+    tasks (the rollout guard's replay: other seeds, never trained on, never logged)."""
     from tasks.cdio.workload import build_stream, features, labels, windows
 
     measured = spec.measured()
     length = spec.train_tasks if part == "train" else spec.holdout_tasks
-    stream = build_stream(spec.stream, measured, site, spec.num_sites, length, spec.seed + (0 if part == "train" else 7919),
+    offset = {"train": 0, "holdout": 7919, "validation": 15_485_863}[part]
+    stream = build_stream(spec.stream, measured, site, spec.num_sites, length, spec.seed + offset,
                           "train" if part == "train" else "test")
     x = windows(features(stream, spec.stream, complexity_scale(measured)), spec.window)
     return np.ascontiguousarray(x), labels(stream, spec.twin(0.0, measured), spec.stream.frames)

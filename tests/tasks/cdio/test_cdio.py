@@ -214,3 +214,12 @@ def test_a_federated_run_trains_the_predictor_and_logs_the_placement(tracking_ur
     assert artifacts == {"cdio/grid.csv", "cdio/regret.csv"}
     regret = metrics["regret_fluctuating_cdio"]  # per step (slot 1, 10, ..., 40), cumulative
     assert len(regret) == 5 and all(b >= a for a, b in zip(regret, regret[1:]))
+
+
+def test_the_rollout_guard_scores_the_predictor_on_its_validation_replay(tracking_uri, tmp_path):
+    from tests.conftest import run_in_process
+
+    metrics, _, _ = run_in_process(tracking_uri, [*BASE, "task.final_study=false", "rollout=mix", "num_rounds=1", "seed=2",
+                                                  f"checkpoint.dir={tmp_path}", "tracking.log_model=false"])
+    assert "rollout_score" in metrics and "rollout_stable_score" in metrics
+    assert -math.log(2) - 0.5 < metrics["rollout_score"][0] < 0  # minus a BCE
