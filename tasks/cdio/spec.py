@@ -104,7 +104,8 @@ class CDIOSpec:
             batch_size=_whole(r.batch_size, "task.rpp.batch_size"), lr=_number(r.lr, "task.rpp.lr", 0.0, low_open=True),
             placement=placement, round_slots=_whole(p.round_slots, "task.placement.round_slots"),
             fluctuation=_number(p.fluctuation, "task.placement.fluctuation", 0.0, 0.99),
-            bandwidth_mbps=_number(p.bandwidth_mbps, "task.placement.bandwidth_mbps", 0.0, low_open=True),
+            bandwidth_mbps=_number(profiles[t.edge_device].uplink_mbps if p.bandwidth_mbps is None else p.bandwidth_mbps,
+                                   "task.placement.bandwidth_mbps", 0.0, low_open=True),
             slot_s=_number(p.slot_s, "task.placement.slot_s", 0.0, low_open=True), final_study=bool(t.final_study))
         _check(placement.threshold_bin <= 5, f"task.placement.threshold_bin={placement.threshold_bin} is invalid: "
                "the complexity has 5 bins (0..4); use 0..5")
