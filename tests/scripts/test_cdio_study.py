@@ -49,3 +49,26 @@ def test_bad_study_arguments_are_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["--slots", "0"])
     assert "--slots=0 is invalid: use a whole number >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_the_quick_study_runs_real_simulations_and_reports_on_its_parent(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_module, sqlite_uri
+
+    # Prepare / Execute: --quick = 1 seed, v1, 2 rounds, 100 slots, through the launcher on Ray
+    uri = sqlite_uri(tmp_path)
+    result = run_module("scripts.cdio_study", "--quick", "--reports-dir", str(tmp_path / "reports"),
+                        f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fedcontinuum-cdio-study")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`fc.kind` = 'cdio-study'")
+    (child,) = client.search_runs([exp.experiment_id], "tags.kind = 'cdio'")
+    assert child.info.status == "FINISHED" and child.data.metrics["rpp_exact_acc"] > child.data.metrics["rpp_majority_acc"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/cdio_study.md", "report/cdio_regret.png", "report/cdio_policies_v1.png"} <= artifacts
+    text = (tmp_path / "reports" / "cdio_study.md").read_text()
+    assert "## v1, fluctuating bandwidth" in text and "| rpp-only |" in text and "paper RPP+CDCO" in text
