@@ -29,7 +29,7 @@ def grid_figure(rows: list[dict[str, Any]], title: str, errors: dict | None = No
             ax.bar(x + 0.4 * offset - 0.2, values, 0.4, yerr=err, label=bw)
         ax.set_xticks(x, policies, rotation=60, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
