@@ -20,6 +20,8 @@ TASKS = {
     "rl": ["task=ppo", "clients.num=2", "task.episode_s=60", "task.steps_per_round=128", "task.eval_seeds=[7]",
            "task.final_study=false"],
     "offload": ["task=offload", "clients.num=3", "task.cloud_per_class=20", "task.cloud.epochs=1", "task.final_study=false"],
+    "cdio": ["task=cdio", "clients.num=3", "task.stream.train_tasks=200", "task.stream.holdout_tasks=100",
+             "task.placement.round_slots=5", "task.final_study=false"],
 }
 
 

@@ -272,6 +272,8 @@ def _headline(event: dict[str, Any]) -> str:
         return f"MASE {event['test_mase']:.3f}  MAE {event.get('test_mae', float('nan')):.3f}"
     if "fed_test_mase" in event:  # forecasting with personal heads: as the sites scored what they deploy
         return f"site MASE {event['fed_test_mase']:.3f}  MAE {event.get('fed_test_mae', float('nan')):.3f}"
+    if "rpp_exact_acc" in event:  # CDIO: the preference predictor and the round's placement
+        return f"RPP acc {event['rpp_exact_acc']:.3f}  CDIO success {event.get('cdio_success_both', float('nan')):.3f}"
     return (
         f"acc {event.get('test_accuracy', float('nan')):.3f}  "
         f"macro-F1 {event.get('test_macro_f1', float('nan')):.3f}"
