@@ -18,6 +18,7 @@ TASKS = {
     "image": "tasks.image.task:ImageTask",
     "forecast": "tasks.forecast.task:ForecastTask",
     "rl": "tasks.rl.task:RLTask",
+    "metarl": "tasks.metarl.task:MetaRLTask",
 }
 
 
