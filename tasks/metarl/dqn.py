@@ -27,6 +27,7 @@ from the same global weights, that is the mean of their meta-updates.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,8 @@ from tasks.metarl.spec import DQNHyper, MetaSpec
 from tasks.rl.spec import RLSpec, background_policy, build_scenario, forecast_fn
 
 MAX_GRAD_NORM = 10.0  # our choice (a common DQN clip)
+# FOMAML's fast copies take their target weights by hand (_td_loss_fn), without a TorchRL updater.
+warnings.filterwarnings("ignore", message="No target network updater has been associated")
 
 
 class QNet(nn.Module):
