@@ -252,7 +252,8 @@ def adapt(qnet: QNet, spec: RLSpec, episodes: int, hyper: DQNHyper, seed: int) -
 
     Every episode replays the same twin seed (one unseen site workload), so
     the return curve shows learning rather than workload noise. Epsilon is
-    ``adapt_eps``; one TD step per twin step after ``adapt_warmup`` transitions.
+    ``adapt_eps``; one TD step (Adam at ``adapt_lr``) per twin step after
+    ``adapt_warmup`` transitions (by default the first episode: it scores the initialisation).
 
     Returns
     -------
@@ -267,7 +268,7 @@ def adapt(qnet: QNet, spec: RLSpec, episodes: int, hyper: DQNHyper, seed: int) -
     menu, _ = discrete_menu(scenario.shield.max_replica_step)
     loss = dqn_loss(qnet, hyper.gamma)
     updater = HardUpdate(loss, value_network_update_interval=hyper.target_update)
-    optimiser = torch.optim.Adam(qnet.parameters(), lr=hyper.lr)
+    optimiser = torch.optim.Adam(qnet.parameters(), lr=hyper.adapt_lr)
     buffer = new_buffer(hyper.buffer_size, hyper.batch_size, seed)
     returns = []
     for _ in range(episodes):

@@ -14,7 +14,7 @@ After the last round (:meth:`MetaRLServer.report`), the adaptation study:
   ``scratch_return`` (step = episode) and steps to stable return
   (:func:`tasks.metarl.dqn.steps_to_stable`) as ``adapt_steps_to_stable``,
   ``scratch_steps_to_stable``;
-* the adapted networks deployed greedily on the held-out seeds
+* (``task.baselines``) the adapted networks deployed greedily on the held-out seeds
   (``adapted_*``, ``scratch_adapted_*``), next to static allocation (every
   node holds its initial replicas and placement: ``static_*``) and the
   threshold autoscaler (``heuristic_*``) on the same seeds.
@@ -92,9 +92,11 @@ class MetaRLServer(ServerTask):
     def report(self, tracker: Any, history: list[dict[str, Any]], final: ArrayRecord, run_name: str) -> dict[str, float]:
         from tasks.metarl.dqn import build_qnet
 
-        study = adaptation_study(self.spec, self._qnet(final), build_qnet(self.spec, seed=int(self.cfg.seed) + 1))
-        for episode, (ours, scratch) in enumerate(zip(study.pop("adapt_curve"), study.pop("scratch_curve"))):
-            tracker.log_metrics({"adapt_return": ours, "scratch_return": scratch}, step=episode)
+        scratch = build_qnet(self.spec, seed=int(self.cfg.seed) + 1) if self.spec.baselines else None
+        study = adaptation_study(self.spec, self._qnet(final), scratch)
+        curves = {key: study.pop(f"{key}_curve") for key in ("adapt", "scratch") if f"{key}_curve" in study}
+        for episode in range(self.spec.adapt_episodes):
+            tracker.log_metrics({f"{key}_return": curve[episode] for key, curve in curves.items()}, step=episode)
         tracker.log_text(json.dumps(study, indent=2, sort_keys=True), "adaptation/summary.json")
         return study
 
@@ -123,8 +125,9 @@ def baseline_scores(spec: MetaSpec, name: str) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
 
 
-def adaptation_study(spec: MetaSpec, global_qnet, scratch_qnet) -> dict[str, Any]:
-    """Adapt the global and a fresh Q-network to the unseen regime; deploy both; score the baselines."""
+def adaptation_study(spec: MetaSpec, global_qnet, scratch_qnet=None) -> dict[str, Any]:
+    """Adapt the global (and a fresh) Q-network to the unseen regime; deploy them; score the baselines
+    (these three only with ``scratch_qnet``)."""
     from tasks.metarl.dqn import adapt, steps_to_stable
     from tasks.rl.spec import build_scenario
 
@@ -132,7 +135,8 @@ def adaptation_study(spec: MetaSpec, global_qnet, scratch_qnet) -> dict[str, Any
     episode_steps = build_scenario(rl).episode_steps
     seed = int(rl.eval_seeds[0]) + ADAPT_SEED_OFFSET
     out: dict[str, Any] = {}
-    for prefix, qnet in (("adapt", global_qnet), ("scratch", scratch_qnet)):
+    nets = (("adapt", global_qnet),) + ((("scratch", scratch_qnet),) if scratch_qnet is not None else ())
+    for prefix, qnet in nets:
         zero_shot = deployed_scores(spec, qnet)
         curve = adapt(qnet.train(), rl, spec.adapt_episodes, spec.dqn, seed)
         adapted = deployed_scores(spec, qnet.eval())
@@ -143,7 +147,7 @@ def adaptation_study(spec: MetaSpec, global_qnet, scratch_qnet) -> dict[str, Any
         label = "adapted" if prefix == "adapt" else "scratch_adapted"
         out.update({f"{label}_{k}": adapted[k] for k in EVAL_KEYS})
         out.update({f"{prefix}_zero_shot_{k}": zero_shot[k] for k in ("return", "mean_latency_ms", "gpu_util")})
-    for name in ("static", "heuristic"):
+    for name in ("static", "heuristic") if scratch_qnet is not None else ():
         scores = baseline_scores(spec, name)
         out.update({f"{name}_{k}": scores[k] for k in EVAL_KEYS})
     return out

@@ -48,7 +48,8 @@ class DQNHyper:
     inner_steps: int = 3             # FOMAML inner SGD steps per regime
     inner_lr: float = 0.01           # FOMAML inner SGD step size
     adapt_eps: float = 0.05          # exploration while adapting to the unseen regime
-    adapt_warmup: int = 200          # transitions before the first adaptation update
+    adapt_lr: float = 3e-4           # Adam while adapting (smaller: fine-tuning, not learning anew)
+    adapt_warmup: int = 2400         # transitions before the first adaptation update (one 200-s episode x 12 nodes)
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> "DQNHyper":
@@ -79,6 +80,9 @@ class MetaSpec:
         The Q-network: ``layers`` x ``hidden`` ReLU (paper 002: 3 x 128).
     adapt_episodes : int
         Episodes of online DQN on the unseen regime after the last round.
+    baselines : bool
+        The final study also scores scratch DQN, static allocation and the
+        autoscaler (a study computes them once per seed, in one arm).
     hyper : dict
         :class:`DQNHyper` values.
     """
@@ -92,6 +96,7 @@ class MetaSpec:
     hidden: int = 128
     layers: int = 3
     adapt_episodes: int = 20
+    baselines: bool = True
     hyper: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -115,7 +120,7 @@ class MetaSpec:
             rl=rl.to_json(), meta=bool(task.meta), train_regimes=tuple(str(r) for r in task.train_regimes),
             unseen_regime=str(task.unseen_regime), steps_per_regime=int(task.steps_per_regime),
             num_rounds=int(cfg.num_rounds), hidden=int(task.hidden), layers=int(task.layers),
-            adapt_episodes=int(task.adapt_episodes),
+            adapt_episodes=int(task.adapt_episodes), baselines=bool(task.baselines),
             hyper={k: float(v) for k, v in OmegaConf.to_container(task.hyper, resolve=True).items()},
         )
 

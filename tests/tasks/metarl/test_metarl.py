@@ -3,6 +3,8 @@ the DQN against random actions in the twin, and config errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -90,7 +92,8 @@ def test_dqn_beats_random_actions_on_the_unseen_regime(seed):
     rl = spec.regime(spec.unseen_regime)
     qnet = dqn.build_qnet(spec, seed=seed)
     # Execute
-    dqn.adapt(qnet, rl, episodes=6, hyper=spec.dqn, seed=seed + 50)
+    hyper = dataclasses.replace(spec.dqn, adapt_warmup=200, adapt_lr=1e-3)  # learning from scratch
+    dqn.adapt(qnet, rl, episodes=6, hyper=hyper, seed=seed + 50)
     from tasks.metarl.server import deployed_scores
 
     learned = deployed_scores(spec, qnet.eval())["return"]
