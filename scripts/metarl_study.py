@@ -66,7 +66,9 @@ def jobs(args: argparse.Namespace, forecaster: str) -> list[tuple[str, list[str]
         for bandwidth, fluctuation in BANDWIDTHS.items():
             for arm, meta in (("fomaml", "true"), ("reactive", "false")):
                 planned.append((f"{arm}-{bandwidth}-s{seed}", [
-                    "task=dqn", f"task.meta={meta}", f"task.baselines={meta}",  # scratch + baselines once per seed f"seed={seed}", f"devices.bandwidth_fluctuation={fluctuation}",
+                    # task.baselines: scratch DQN, static allocation and the autoscaler once per seed (FOMAML runs)
+                    "task=dqn", f"task.meta={meta}", f"task.baselines={meta}", f"seed={seed}",
+                    f"devices.bandwidth_fluctuation={fluctuation}",
                     f"clients.num={args.clients}", f"clients.min_train={args.clients}", f"num_rounds={args.rounds}",
                     f"task.steps_per_regime={args.steps}", f"task.hyper.meta_iterations={args.meta_iterations}",
                     f"task.adapt_episodes={args.adapt_episodes}", f"task.episode_s={args.episode_s:g}",
