@@ -47,7 +47,7 @@ from tasks.rl.spec import RLSpec, background_policy, build_scenario, forecast_fn
 
 MAX_GRAD_NORM = 10.0  # our choice (a common DQN clip)
 # FOMAML's fast copies take their target weights by hand (_td_loss_fn), without a TorchRL updater.
-warnings.filterwarnings("ignore", message="No target network updater has been associated")
+NO_UPDATER_WARNING = "No target network updater has been associated"
 
 
 class QNet(nn.Module):
@@ -220,7 +220,9 @@ def _td_loss_fn(buffer: ReplayBuffer, target_params: TensorDict, gamma: float):
             loss = dqn_loss(net, gamma)
             loss.target_value_network_params.update_(target_params)
             losses[id(net)] = loss
-        return losses[id(net)](buffer.sample())["loss"]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NO_UPDATER_WARNING)
+            return losses[id(net)](buffer.sample())["loss"]
 
     return loss_of
 
