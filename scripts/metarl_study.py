@@ -151,7 +151,7 @@ def federation_table(runs: pd.DataFrame) -> str:
     for arm in ("fomaml", "reactive"):
         for bandwidth in BANDWIDTHS:
             rows = runs[(runs["arm"] == arm) & (runs["bandwidth"] == bandwidth)]
-            lines.append(f"| {arm} | {bandwidth} | {_cell(rows.get('round_virtual_s', pd.Series(dtype=float)), 1, 2)} | "
+            lines.append(f"| {arm} | {bandwidth} | {_cell(rows.get('round_virtual_s', pd.Series(dtype=float)), 1, 4)} | "
                          f"{_cell(rows['final_adapt_zero_shot_return'], 1, 1)} | {_cell(rows['final_adapted_return'], 1, 1)} |")
     return "\n".join(lines)
 
@@ -191,6 +191,33 @@ def claims_table(runs: pd.DataFrame, bandwidth: str) -> str:
     return "\n".join(lines)
 
 
+def curves_of(client: MlflowClient, runs: pd.DataFrame, key: str, arm: str) -> list[list[float]]:
+    """Each run's per-episode adaptation returns (``adapt_return`` / ``scratch_return``) of one arm."""
+    out = [[m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+           for run_id in runs[runs["arm"] == arm]["run_id"]]
+    return [curve for curve in out if curve]
+
+
+def adaptation_table(client: MlflowClient, runs: pd.DataFrame, bandwidth: str, episode_steps: int) -> str:
+    """Adaptation speed per initialisation, from the logged curves: jump-start, mean return over the
+    adaptation episodes (area under the curve), steps to stable at 5 % and 10 %, final return."""
+    from tasks.metarl.dqn import steps_to_stable
+
+    part = runs[runs["bandwidth"] == bandwidth]
+    lines = ["| initialisation | first-episode return | mean return over the episodes | steps to stable (5 %) | "
+             "steps to stable (10 %) | last-5-episode return |", "|---|---|---|---|---|---|"]
+    for key, arm, label in CURVES:
+        curves = curves_of(client, part, key, arm)
+        if not curves:
+            continue
+        cells = [_cell([c[0] for c in curves], 1, 1), _cell([np.mean(c) for c in curves], 1, 1),
+                 _cell([steps_to_stable(c, episode_steps) for c in curves], 1, 0),
+                 _cell([steps_to_stable(c, episode_steps, tolerance=0.1) for c in curves], 1, 0),
+                 _cell([np.mean(c[-5:]) for c in curves], 1, 1)]
+        lines.append(f"| {label} (n={len(curves)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def adaptation_curves(client: MlflowClient, runs: pd.DataFrame):
     """Return per adaptation episode on the unseen regime, mean ± sd over seeds (stable bandwidth)."""
     import matplotlib
@@ -201,9 +228,7 @@ def adaptation_curves(client: MlflowClient, runs: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     part = runs[runs["bandwidth"] == "stable"]
     for key, arm, label in CURVES:
-        curves = [[m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-                  for run_id in part[part["arm"] == arm]["run_id"]]
-        curves = [c for c in curves if c]
+        curves = curves_of(client, part, key, arm)
         if not curves:
             continue
         length = min(len(c) for c in curves)
@@ -264,8 +289,12 @@ def report(parent_run_id: str, tracking_uri: str, out: str = "reports", command:
              "diurnal-medium, bursty-high; unseen regime: Bitbrains trace. Cells: mean ± sd over seeds, the "
              "networks deployed greedily on every edge node of the unseen regime's twin (held-out seeds) after "
              f"{params.get('adapt_episodes', '?')} online DQN episodes there; baselines on the same seeds."]
+    episode_steps = int(float(params.get("episode_s", 200)))  # twin steps of 1 s
     for bandwidth in BANDWIDTHS:
         parts += [f"## Unseen regime, {bandwidth} bandwidth", methods_table(runs, bandwidth),
+                  f"## Adaptation speed on the unseen regime, {bandwidth} bandwidth "
+                  f"({params.get('adapt_episodes', '?')} episodes of {episode_steps} steps, every edge node acting)",
+                  adaptation_table(client, runs, bandwidth, episode_steps),
                   f"## Paper 002's claims vs measured, {bandwidth} bandwidth", claims_table(runs, bandwidth)]
     parts += ["## What the bandwidth changes", federation_table(runs)]
     text = "\n\n".join(parts) + "\n"
