@@ -130,3 +130,27 @@ def test_a_round_of_fomaml_and_of_reactive_dqn_change_the_weights_and_report_los
 def test_bad_settings_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(["task=dqn", "clients.num=4", *overrides])
+
+
+@pytest.mark.e2e
+def test_a_real_flower_simulation_meta_trains_and_adapts(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_module, sqlite_uri
+
+    # Prepare / Execute: the launcher, Ray, 2 sites, 2 rounds of FOMAML, then the adaptation study
+    uri = sqlite_uri(tmp_path)
+    result = run_module("fl_server.runtime.launch", "task=dqn", "clients.num=2", "num_rounds=2", "task.episode_s=60",
+                        "task.steps_per_regime=64", "task.hyper.meta_iterations=2", "task.hyper.batch_size=32",
+                        "task.hyper.adapt_warmup=100", "task.adapt_episodes=2", "task.eval_seeds=[7]",
+                        f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "fomaml-fluct"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "clients_replied")] == [2, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "adapt_return")] == [0, 1]
+    metrics = run.data.metrics
+    assert {"final_adapt_steps_to_stable", "final_scratch_steps_to_stable", "final_static_mean_latency_ms",
+            "final_adapted_gpu_util"} <= set(metrics)
