@@ -178,7 +178,8 @@ def claims_table(runs: pd.DataFrame, bandwidth: str) -> str:
     rows = [
         ("mean latency vs static allocation", PAPER["latency"],
          paired_change(ours, static, "final_adapted_mean_latency_ms")),
-        ("mean latency vs reactive DQN", PAPER["latency_reactive"], paired_change(ours, reactive, "final_adapted_mean_latency_ms")),
+        ("mean latency vs reactive DQN", PAPER["latency_reactive"],
+         paired_change(ours, reactive, "final_adapted_mean_latency_ms")),
         ("GPU utilisation vs static allocation", PAPER["utilisation"],
          paired_change(ours, static, "final_adapted_gpu_util", relative=False)),
         ("GPU utilisation vs reactive DQN", PAPER["utilisation"],
