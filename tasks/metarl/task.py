@@ -47,6 +47,8 @@ class MetaRLTask(Task):
         _check(task.unseen_regime not in task.train_regimes,
                f"task.unseen_regime={task.unseen_regime} is also a training regime: the adaptation study needs a "
                f"regime the meta-training never saw; take it out of task.train_regimes")
+        for key in ("meta", "baselines", "use_forecast"):
+            _check(isinstance(task[key], bool), f"task.{key}={task[key]} is invalid: use true or false")
         for key in INTEGER_KEYS:
             _check(isinstance(task[key], int) and not isinstance(task[key], bool) and task[key] >= 1,
                    f"task.{key}={task[key]} is invalid: use an integer >= 1")
@@ -63,6 +65,9 @@ class MetaRLTask(Task):
         _check(hyper.inner_steps >= 0 and hyper.meta_iterations >= 1 and hyper.batch_size >= 1,
                f"task.hyper.meta_iterations={hyper.meta_iterations}, inner_steps={hyper.inner_steps}, "
                f"batch_size={hyper.batch_size}: use meta_iterations >= 1, inner_steps >= 0, batch_size >= 1")
+        _check(0.0 < hyper.gamma <= 1.0, f"task.hyper.gamma={hyper.gamma} is invalid: use a discount in (0, 1]")
+        for key in ("lr", "inner_lr", "adapt_lr"):
+            _check(getattr(hyper, key) > 0, f"task.hyper.{key}={getattr(hyper, key)} is invalid: use a step size > 0")
         _check(0.0 <= hyper.eps_end <= hyper.eps_start <= 1.0,
                f"task.hyper.eps_start={hyper.eps_start}, eps_end={hyper.eps_end}: need 0 <= eps_end <= eps_start <= 1")
         _check(task.steps_per_regime >= hyper.batch_size,

@@ -125,6 +125,10 @@ def test_a_round_of_fomaml_and_of_reactive_dqn_change_the_weights_and_report_los
         (["clients.num=13"], r"clients.num=13 is too many for task=dqn: twin bitbrains has 12 edge nodes"),
         (["task.forecaster=lstm"], r"task.forecaster=lstm is unknown"),
         (["privacy=dpsgd"], r"privacy=dpsgd \(DP-SGD\) does not apply to task=dqn"),
+        (["task.meta=maybe"], r"task.meta=maybe is invalid: use true or false"),
+        (["task.hyper.gamma=1.5"], r"task.hyper.gamma=1.5 is invalid: use a discount in \(0, 1\]"),
+        (["task.hyper.inner_lr=0"], r"task.hyper.inner_lr=0.0 is invalid: use a step size > 0"),
+        (["task.hyper.eps_end=0.5", "task.hyper.eps_start=0.1"], r"need 0 <= eps_end <= eps_start <= 1"),
     ],
 )
 def test_bad_settings_are_one_clear_error(overrides, message):
