@@ -93,8 +93,9 @@ def dqn_loss(qnet: QNet, gamma: float) -> DQNLoss:
 
 
 def new_buffer(size: int, batch_size: int, seed: int) -> ReplayBuffer:
+    """TorchRL replay of up to ``size`` transitions, sampling ``batch_size`` uniformly with its own seeded generator."""
     buffer = ReplayBuffer(storage=LazyTensorStorage(size), batch_size=batch_size)
-    buffer.set_rng(torch.Generator().manual_seed(seed)) if hasattr(buffer, "set_rng") else None
+    buffer.set_rng(torch.Generator().manual_seed(seed))
     return buffer
 
 
