@@ -19,6 +19,7 @@ TASKS = {
     "forecast": "tasks.forecast.task:ForecastTask",
     "rl": "tasks.rl.task:RLTask",
     "cdio": "tasks.cdio.task:CDIOTask",
+    "metarl": "tasks.metarl.task:MetaRLTask",
 }
 
 

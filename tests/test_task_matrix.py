@@ -2,7 +2,7 @@
 
 Each test runs the real experiment skeleton with the real ClientApp behind a
 fake Grid (no Ray): the image task (MNIST 5k), synthetic-series forecasting,
-PPO in the twin and the offload task (MNIST 5k), on small settings.
+PPO in the twin, the offload task (MNIST 5k) and DQN + FOMAML in the twin, on small settings.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ TASKS = {
     "offload": ["task=offload", "clients.num=3", "task.cloud_per_class=20", "task.cloud.epochs=1", "task.final_study=false"],
     "cdio": ["task=cdio", "clients.num=3", "task.stream.train_tasks=200", "task.stream.holdout_tasks=100",
              "task.placement.round_slots=5", "task.final_study=false"],
+    "metarl": ["task=dqn", "clients.num=2", "task.episode_s=60", "task.steps_per_regime=64", "task.eval_seeds=[7]",
+               "task.hyper.meta_iterations=1", "task.hyper.batch_size=32", "task.adapt_episodes=1", "task.baselines=false"],
 }
 
 
