@@ -35,8 +35,12 @@ test: install
 sweep: install
 	$(PY) -m scripts.sweep --multirun $(ARGS)
 
+# every benchmark of the README's Performance section, one after the other (~25 min here)
 bench: install
 	$(PY) -m scripts.bench_overhead
+	$(PY) -m scripts.bench.aggregation --repeats 5 --no-exact
+	$(PY) -m scripts.bench.sweep_startup
+	$(PY) -m scripts.bench.scale --quick
 
 # Flower's Deployment Engine on loopback: a SuperLink + N SuperNodes as separate
 # processes, TLS with certificates made at run time (--insecure to opt out), e.g.
