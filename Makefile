@@ -35,7 +35,7 @@ test: install
 sweep: install
 	$(PY) -m scripts.sweep --multirun $(ARGS)
 
-# every benchmark of the README's Performance section, one after the other (~25 min here)
+# every benchmark of the README's Performance section, one after the other (not yet timed in one go)
 bench: install
 	$(PY) -m scripts.bench_overhead
 	$(PY) -m scripts.bench.aggregation --repeats 5 --no-exact
