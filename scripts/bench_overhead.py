@@ -127,17 +127,27 @@ def _stream(command: list[str], env: dict[str, str], log_path: Path, timeout_s: 
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:
-            os.killpg(proc.pid, signal.SIGINT if interrupt else signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        _stop_group(proc, interrupt)
+    except BaseException:
+        # Ctrl-C or a SIGTERM of the bench itself: stop the job too, or its SuperLink outlives us
+        _stop_group(proc, interrupt)
+        raise
     exited_at = time.perf_counter()
     reader.join(timeout=10)
     return Stream(proc.returncode, lines, exited_at, timed_out)
+
+
+def _stop_group(proc: subprocess.Popen, interrupt: bool) -> None:
+    """SIGINT (``interrupt``: the launcher then stops its SuperLink) or SIGTERM to the job's group, then SIGKILL."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT if interrupt else signal.SIGTERM)
+        # the launcher stops its SuperLink (own session) and Ray before it exits: under load that took > 30 s
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def _started_at(stream: Stream) -> tuple[float | None, int | None]:
@@ -308,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    # SIGTERM unwinds like Ctrl-C, so the running job's group and the plain variant's SuperLink are stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     console = Console()
     if not console.is_terminal:  # logs and pipes: keep the table on one line per row
         console = Console(width=160)
