@@ -102,7 +102,11 @@ def test_an_interrupted_rl_run_resumes_from_its_last_checkpoint(tracking_uri, tm
         (["task=ppo", "task.forecaster=tcn"], r"task.forecaster=tcn is unknown: use seasonal-naive or federated:"),
         (["task=ppo", "+arm=vdn"], r"task.mixer=vdn \(\+arm=vdn\) needs task=qmix"),
         (["task=qmix", "clients.num=3", "+arm=ph"], r"task.personal_head=true \(\+arm=ph\) needs task=ppo"),
-        (["task=ppo", "+arm=nofl"], r"unknown arm 'nofl': choose one of mafl, marl, nofc, noshield, ph, vdn"),
+        (["task=ppo", "+arm=nofl"],
+         r"unknown arm 'nofl': choose one of costcap, ctl, hybrid, mafl, marl, nofc, noprice, noshield, ph, vdn"),
+        (["task=ppo", "+arm=ctl", "task.control.coa_every=0"], r"task.control.coa_every=0 is invalid: the COA cadence"),
+        (["task=ppo", "+arm=ctl", "task.control.mode=turbo"], r"task.control.mode=turbo is unknown"),
+        (["task=qmix", "clients.num=3", "task.control.price_weight=-0.5"], r"task.control.price_weight=-0.5 is invalid"),
     ],
 )
 def test_bad_rl_config_is_one_clear_error(overrides, match):
