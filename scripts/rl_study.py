@@ -80,8 +80,10 @@ METHOD_BARS = (  # panels of report/methods.png: (key, label, scale)
 
 def study_overrides(args: argparse.Namespace) -> list[str]:
     """The Hydra multirun overrides of a study."""
+    # seeds outermost: Hydra's sweeper varies the first override slowest, so a sweep cut short
+    # still has every arm for the seeds it finished
     return [
-        f"task={args.algo}", "strategy=fedavgm", f"+arm={','.join(args.arms)}", f"seed={','.join(map(str, args.seeds))}",
+        f"task={args.algo}", "strategy=fedavgm", f"seed={','.join(map(str, args.seeds))}", f"+arm={','.join(args.arms)}",
         f"clients.num={args.clients}", f"clients.min_train={args.clients}", f"num_rounds={args.rounds}",
         f"task.steps_per_round={args.steps}", f"task.episode_s={args.episode_s:g}",
         f"task.forecaster={args.forecaster}", f"tracking.experiment={args.experiment}",
