@@ -130,6 +130,21 @@ def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_return")] == [0, 1, 2]
 
 
+@pytest.mark.e2e
+def test_a_real_flower_simulation_runs_the_control_hierarchy_arm(tmp_path):
+    # Prepare: PPO ESAs under paper 001's hierarchy (+arm=ctl: COA every 3 steps, auctions, mode schedule)
+    uri = sqlite_uri(tmp_path)
+    # Execute
+    result = run_module("fl_server.runtime.launch", "task=ppo", "+arm=ctl", "clients.num=2", *TINY,
+                        "task.final_study=false", f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
+    # Assert: the run is tagged with the arm; every evaluation saw the COA decide at steps 0, 3, ..., 57
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "mafl-ctl"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_coa_decisions")] == [20.0, 20.0, 20.0]
+    assert run.data.metrics["eval_control_cpu_us"] > 0
+
+
 def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(tracking_uri, tmp_path):
     # Prepare: a logged forecasting run (window 48, horizon 6) as task.forecaster
     from tasks.forecast.trained import load_from_mlflow
