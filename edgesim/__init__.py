@@ -21,7 +21,9 @@ Modules: :mod:`~edgesim.scenario` (validated parameters),
 :mod:`~edgesim.workload` (arrivals), :mod:`~edgesim.faults`,
 :mod:`~edgesim.shield`, :mod:`~edgesim.twin` (the model),
 :mod:`~edgesim.metrics`, :mod:`~edgesim.actions` (the action interface),
-:mod:`~edgesim.envs`, :mod:`~edgesim.baselines`.
+:mod:`~edgesim.envs`, :mod:`~edgesim.baselines`; paper 001's control
+hierarchy: :mod:`~edgesim.control` (ESA/COA cadences, congestion prices,
+the MPC prior) with :mod:`~edgesim.auction` and :mod:`~edgesim.modes`.
 
 The environments and baselines are imported on first use:
 ``from edgesim import EdgeSiteEnv`` works, but ``import edgesim`` alone does

@@ -44,6 +44,7 @@ from pettingzoo import ParallelEnv
 
 from .actions import ENV_ACTION_SIZE, Action, discrete_menu
 from .baselines import HoldPolicy, Policy, forecast_rates
+from .control import ControlConfig, ControlLayer
 from .errors import EdgeSimError
 from .scenario import Scenario, load_scenario
 from .twin import EdgeCloudTwin
@@ -88,15 +89,18 @@ class Observer:
         self.forecast_fn = forecast_fn
         self.horizon = horizon
         self.arrival_lags = arrival_lags
-        self.names = feature_names(arrival_lags, horizon)
+        control = twin.control.feature_names if twin.control is not None else ()
+        self.names = feature_names(arrival_lags, horizon) + control
         self.size = len(self.names)
         self.low = np.zeros(self.size, dtype=np.float32)
         self.high = np.ones(self.size, dtype=np.float32)
+        self.high[self.size - len(control):] = OBS_CAP  # prices and allocations (edgesim.control)
         lags = slice(len(BASE_FEATURES), len(BASE_FEATURES) + arrival_lags)
         self.high[lags] = OBS_CAP
         tod = len(BASE_FEATURES) + arrival_lags + CONTEXT_FEATURES.index("tod_sin")
         self.low[tod : tod + 2] = -1.0
-        self.high[len(self.names) - horizon :] = OBS_CAP
+        forecast_end = self.size - len(control)
+        self.high[forecast_end - horizon : forecast_end] = OBS_CAP
         rtt = len(BASE_FEATURES) + arrival_lags + CONTEXT_FEATURES.index("cloud_rtt")
         self.high[rtt] = OBS_CAP
 
@@ -134,7 +138,10 @@ class Observer:
         arrivals = self.lags / (nodes.full_rate * twin.step_s)[:, None]
         context = self._context(queue, limit, slots)
         forecast = self._forecast() / nodes.full_rate[:, None]
-        obs = np.concatenate((base, arrivals, context, forecast), axis=1)
+        parts = (base, arrivals, context, forecast)
+        if twin.control is not None:
+            parts += (twin.control.features(twin),)
+        obs = np.concatenate(parts, axis=1)
         return np.clip(obs, self.low, self.high).astype(np.float32)
 
     def _context(self, queue: np.ndarray, limit: np.ndarray, slots: float) -> np.ndarray:
@@ -174,8 +181,10 @@ class Observer:
         return self.forecast
 
 
-def _make_twin(scenario: Scenario | str) -> EdgeCloudTwin:
-    return EdgeCloudTwin(load_scenario(scenario) if isinstance(scenario, str) else scenario)
+def _make_twin(scenario: Scenario | str, control: ControlConfig | None = None,
+               forecast_fn: Callable | None = None) -> EdgeCloudTwin:
+    layer = ControlLayer(control, forecast_fn) if control is not None and control.enabled else None
+    return EdgeCloudTwin(load_scenario(scenario) if isinstance(scenario, str) else scenario, control=layer)
 
 
 def _action_space(discrete: bool, menu_size: int) -> spaces.Space:
@@ -203,6 +212,9 @@ class EdgeSiteEnv(gym.Env):
         Drives the other nodes (default :class:`~edgesim.baselines.HoldPolicy`).
     discrete_actions : bool
         Use :func:`~edgesim.actions.discrete_menu` indices instead of the Box.
+    control : ControlConfig, optional
+        Paper 001's ESA/COA hierarchy (:mod:`edgesim.control`): the agent is
+        an ESA; prices, allocations and the mode join the observation.
 
     Notes
     -----
@@ -223,8 +235,9 @@ class EdgeSiteEnv(gym.Env):
         arrival_lags: int = 4,
         background_policy: Policy | None = None,
         discrete_actions: bool = False,
+        control: ControlConfig | None = None,
     ) -> None:
-        self.twin = _make_twin(scenario)
+        self.twin = _make_twin(scenario, control, forecast_fn)
         if not 0 <= site < self.twin.num_nodes:
             raise EdgeSimError(f"site={site} is not an edge node: use 0..{self.twin.num_nodes - 1}")
         self.site = site
@@ -268,7 +281,7 @@ class ClusterParallelEnv(ParallelEnv):
     shared_reward : bool
         Every agent gets the cluster's mean node reward (cooperative, as
         QMIX/VDN expect); False gives each node its own.
-    forecast_fn, horizon, arrival_lags, background_policy, discrete_actions
+    forecast_fn, horizon, arrival_lags, background_policy, discrete_actions, control
         As in :class:`EdgeSiteEnv`.
 
     Notes
@@ -289,8 +302,9 @@ class ClusterParallelEnv(ParallelEnv):
         background_policy: Policy | None = None,
         discrete_actions: bool = False,
         shared_reward: bool = True,
+        control: ControlConfig | None = None,
     ) -> None:
-        self.twin = _make_twin(scenario)
+        self.twin = _make_twin(scenario, control, forecast_fn)
         clusters = self.twin.scenario.clusters
         if not 0 <= cluster < len(clusters):
             raise EdgeSimError(f"cluster={cluster} does not exist: use 0..{len(clusters) - 1}")

@@ -140,8 +140,19 @@ class StepResult:
     def reward(self) -> np.ndarray:
         if self._reward is None:
             arrivals, served_node, cloud_served, _, late, neigh_in, node_drops, energy = self._parts
-            self._reward = self._twin._reward(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served)
+            twin = self._twin
+            if twin.control is None:
+                self._reward = twin._reward(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served)
+            else:  # the control layer weighs the terms by the current mode and charges prices
+                terms = twin.reward_terms(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served)
+                self._reward = twin.control.reward(twin, terms)
         return self._reward
+
+    @property
+    def reward_terms(self) -> np.ndarray:
+        """(N, 3) unweighted reward terms: SLO miss rate, energy / full power, cloud share."""
+        arrivals, served_node, cloud_served, _, late, neigh_in, node_drops, energy = self._parts
+        return self._twin.reward_terms(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served)
 
     @property
     def arrivals(self) -> float:
@@ -173,14 +184,22 @@ class EdgeCloudTwin:
     workload : Workload, optional
         Use this demand instead of building it from the scenario and seed
         (e.g. to replay one demand under several seeds of faults).
+    control : edgesim.control.ControlLayer, optional
+        Paper 001's ESA/COA hierarchy: rewrites each action to the COA's
+        allocations before the shield, and weighs the reward by the context
+        mode with internal prices (None: the plain twin).
     """
 
-    def __init__(self, scenario: Scenario, seed: int | None = None, workload: Workload | None = None) -> None:
+    def __init__(self, scenario: Scenario, seed: int | None = None, workload: Workload | None = None,
+                 control=None) -> None:
         self.scenario = scenario
         self.nodes = scenario.nodes
         self.shield = SafetyShield(scenario)
         self._fixed_workload = workload
         self._constants()
+        self.control = control
+        if control is not None:
+            control.attach(self)
         self.reset(seed)
 
     # ------------------------------------------------------------ set-up
@@ -290,6 +309,8 @@ class EdgeCloudTwin:
         self._all_alive = True
         self._slots_changed = True  # replicas or pending changed: fragmentation to recompute
         self._fragmentation = 0.0
+        if self.control is not None:
+            self.control.reset(self)
         return self.state
 
     def _draw_network(self, rng: np.random.Generator) -> None:
@@ -339,7 +360,10 @@ class EdgeCloudTwin:
     def summary(self) -> dict[str, float]:
         """Episode metrics so far (see :mod:`edgesim.metrics`)."""
         self.metrics.queued = float(self.state.queue.sum())
-        return self.metrics.summary()
+        out = self.metrics.summary()
+        if self.control is not None:
+            out.update(self.control.summary())
+        return out
 
     # ------------------------------------------------------------ the step
     # Hot path: every line below runs once per step on arrays of N (~12)
@@ -361,6 +385,8 @@ class EdgeCloudTwin:
             )
         drops = np.zeros(len(DROP_REASONS))
         node_drops = self._faults(t, drops)
+        if self.control is not None:  # the COA's allocations bind the ESAs' actions
+            action = self.control.before_step(self, action)
         safe, interventions = self.shield.project(action, s)
         self._scale(safe)
         arrivals = self.arrivals[t]
@@ -678,6 +704,15 @@ class EdgeCloudTwin:
         s.temp_c += (self.ambient_c + self.nodes.thermal_r * power - s.temp_c) * self.thermal_alpha
         s.last_busy = busy
         return power * self.step_s
+
+    def reward_terms(self, arrivals, neigh_in, drops, late, energy, served_node, cloud_served) -> np.ndarray:
+        """(N, 3) terms of :meth:`_reward` before weighting: miss rate, P / P_active, cloud share."""
+        finished = np.maximum(served_node + cloud_served + drops, 1.0)
+        return np.stack((
+            (drops + late) / finished,
+            energy / (self.nodes.active_w * self.step_s),
+            cloud_served / np.maximum(arrivals + neigh_in, 1.0),
+        ), axis=1)
 
     def _reward(self, arrivals, neigh_in, drops, late, energy, served_node, cloud_served) -> np.ndarray:
         """Per-node reward: -(w_slo x miss rate + w_energy x P / P_active + w_cost x cloud share).

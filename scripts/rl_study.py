@@ -11,7 +11,12 @@ each on Ray, one MLflow parent run for the study)::
 
 The arms are the ``conf/arm`` group: ``mafl`` (the task as configured),
 ``marl`` (no aggregation), ``noshield``, ``nofc`` (no forecast in the
-observations), ``vdn`` (QMIX only), ``ph`` (PPO personal head). Every job
+observations), ``vdn`` (QMIX only), ``ph`` (PPO personal head), and paper
+001's control hierarchy (:mod:`edgesim.control`): ``ctl`` (ESA/COA
+cadences, auction pricing, context modes), ``noprice``, ``costcap``,
+``hybrid`` (ctl + the MPC's plan as an action prior); with ``ctl`` in the
+sweep the report adds a Table-5-style table relative to ``ctl`` with the
+control plane's CPU per twin step. Every job
 ends by scoring its deployed agents under the paper-000 fault scenarios and
 the heuristic / forecast-MPC baselines on its held-out seeds
 (:mod:`tasks.rl.evaluation`), so the study report is a read of the
@@ -43,9 +48,16 @@ from tasks.rl.evaluation import FAULTS
 
 ARM_TITLES = {"heuristic": "Heuristic (HPA + FFD)", "mpc": "Forecast-only MPC", "mafl": "MA-FL (ours)",
               "marl": "Non-federated MARL", "mafl-noshield": "MA-FL, no shield", "mafl-nofc": "MA-FL, no forecaster",
-              "mafl-vdn": "MA-FL, VDN mixer", "mafl-ph": "MA-FL, personal head"}
+              "mafl-vdn": "MA-FL, VDN mixer", "mafl-ph": "MA-FL, personal head",
+              "mafl-ctl": "MA-FL + control hierarchy (ctl)", "mafl-ctl-noprice": "ctl, no pricing/auction",
+              "mafl-ctl-costcap": "ctl, cost-cap mode", "mafl-ctl-hybrid": "ctl + MPC prior (hybrid)"}
 ABLATIONS = (("marl", "No FL (MARL only)"), ("mafl-noshield", "No safety shield"), ("mafl-nofc", "No forecaster"),
              ("mafl-vdn", "VDN instead of QMIX"), ("mafl-ph", "Personal head"), ("mafl", "MA-FL (ours)"))
+# paper 001's control hierarchy (+arm=ctl,noprice,costcap,hybrid): Table 5 rows relative to ctl
+CONTROL_ABLATIONS = (("mafl-ctl-noprice", "No pricing/auction"), ("mafl-ctl-costcap", "Cost-cap mode"),
+                     ("mafl-ctl-hybrid", "Hybrid RL + MPC prior"), ("mafl", "No hierarchy (MA-FL)"),
+                     ("mafl-ctl", "ctl (cadences + pricing + modes)"))
+PER_SERVED = ("energy_j_per_request", "cost_per_1k_usd", "p95_ms", "p99_ms")  # undefined when nothing was served
 COLUMNS = (  # (key, title, scale, decimals)
     ("gpu_util", "GPU util. (%)", 100.0, 1), ("cpu_util", "CPU util. (%)", 100.0, 1),
     ("fragmentation", "Fragm. (%)", 100.0, 1), ("p95_ms", "p95 (ms)", 1.0, 0), ("p99_ms", "p99 (ms)", 1.0, 0),
@@ -55,7 +67,8 @@ COLUMNS = (  # (key, title, scale, decimals)
 )
 CURVES = (("eval_return", "episode return"), ("eval_slo_violation_rate", "SLO violation rate"),
           ("eval_shield_interventions", "shield interventions"))
-FAULT_ARMS = ("heuristic", "mafl", "marl")  # rows of the fault table, where present
+FAULT_ARMS = ("heuristic", "mafl", "marl", "mafl-ctl", "mafl-ctl-noprice", "mafl-ctl-costcap",
+              "mafl-ctl-hybrid")  # rows of the fault table, where present
 METHOD_BARS = (  # panels of report/methods.png: (key, label, scale)
     ("slo_violation_rate", "SLO violations (%)", 100.0), ("p95_ms", "p95 latency (ms)", 1.0),
     ("energy_j_per_request", "energy (J/request)", 1.0), ("cost_per_1k_usd", "cost ($ per 1k requests)", 1.0),
@@ -67,8 +80,10 @@ METHOD_BARS = (  # panels of report/methods.png: (key, label, scale)
 
 def study_overrides(args: argparse.Namespace) -> list[str]:
     """The Hydra multirun overrides of a study."""
+    # seeds outermost: Hydra's sweeper varies the first override slowest, so a sweep cut short
+    # still has every arm for the seeds it finished
     return [
-        f"task={args.algo}", "strategy=fedavgm", f"+arm={','.join(args.arms)}", f"seed={','.join(map(str, args.seeds))}",
+        f"task={args.algo}", "strategy=fedavgm", f"seed={','.join(map(str, args.seeds))}", f"+arm={','.join(args.arms)}",
         f"clients.num={args.clients}", f"clients.min_train={args.clients}", f"num_rounds={args.rounds}",
         f"task.steps_per_round={args.steps}", f"task.episode_s={args.episode_s:g}",
         f"task.forecaster={args.forecaster}", f"tracking.experiment={args.experiment}",
@@ -117,11 +132,21 @@ def arm_results(runs) -> dict[str, list[dict[str, float]]]:
         if f"baseline_{baseline}_return" in runs:
             results[baseline] = [{key: row.get(f"baseline_{baseline}_{key}", np.nan) for key, *_ in COLUMNS}
                                  for _, row in source.sort_values("seed").iterrows()]
-    for arm in [a for a, _ in ABLATIONS[::-1] if a in set(runs["arm"])] + sorted(set(runs["arm"]) - set(ARM_TITLES)):
+    order = [a for a, _ in ABLATIONS[::-1]] + [a for a, _ in CONTROL_ABLATIONS[::-1] if a != "mafl"]
+    for arm in [a for a in order if a in set(runs["arm"])] + sorted(set(runs["arm"]) - set(ARM_TITLES)):
         results[arm] = [{**{key: row.get(f"eval_{key}", np.nan) for key, *_ in COLUMNS},
+                         "served": row.get("eval_served", np.nan), "control_cpu_us": row.get("eval_control_cpu_us", np.nan),
                          "rounds_to_95pct_best": row.get("final_rounds_to_95pct_best", np.nan)}
                         for _, row in runs[runs["arm"] == arm].sort_values("seed").iterrows()]
     return results
+
+
+def served_values(runs: list[dict[str, float]], key: str, scale: float = 1.0) -> list[float]:
+    """A per-request measure over the seeds that served something (an episode that served
+    nothing has no J/request: the twin would divide by ~0); all seeds for other measures."""
+    if key not in PER_SERVED:
+        return [r[key] * scale for r in runs]
+    return [r[key] * scale for r in runs if not r.get("served", np.nan) == 0]
 
 
 def fault_results(runs) -> dict[str, list[dict[str, dict[str, float]]]]:
@@ -150,7 +175,11 @@ def main_table(results: dict[str, list[dict[str, float]]]) -> str:
     for arm, runs in results.items():
         cells = []
         for key, _, scale, decimals in COLUMNS:
-            m, s = mean_sd([r[key] * scale for r in runs])
+            values = served_values(runs, key, scale)
+            if not values:
+                cells.append("–")  # nothing served in any seed
+                continue
+            m, s = mean_sd(values)
             cells.append(f"{m:.{decimals}f} ± {s:.{decimals}f}")
         lines.append(f"| {ARM_TITLES.get(arm, arm)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -173,6 +202,32 @@ def ablation_table(results: dict[str, list[dict[str, float]]]) -> str:
         rel = 100.0 * (viol / base["slo_violation_rate"] - 1.0) if base["slo_violation_rate"] > 0 else float("nan")
         r95 = mean_sd([r["rounds_to_95pct_best"] for r in runs])
         lines.append(f"| {title} | {d95:+.0f} | {de:+.3f} | {rel:+.0f} % | {r95[0]:.1f} ± {r95[1]:.1f} |")
+    return "\n".join(lines)
+
+
+def control_table(results: dict[str, list[dict[str, float]]]) -> str:
+    """Paper 001 Table 5 for the control hierarchy: deltas against ctl, and the control plane's CPU
+    per twin step (the policy's act + observations + auctions + MPC) with its ratio to MA-FL's."""
+    if "mafl-ctl" not in results:
+        return "_no ctl arm: nothing to compare against_"
+    base = {k: np.mean(served_values(results["mafl-ctl"], k) or [np.nan])
+            for k in ("p95_ms", "energy_j_per_request", "slo_violation_rate")}
+    off_cpu = np.mean([r["control_cpu_us"] for r in results["mafl"]]) if "mafl" in results else np.nan
+    lines = ["| Variant | Δp95 vs ctl (ms) | ΔEnergy (J/req) | Violations (Δ% rel.) | Rounds to 95 % of best "
+             "| Control CPU (µs/step) | CPU vs MA-FL |", "|---|---|---|---|---|---|---|"]
+    for arm, title in CONTROL_ABLATIONS:
+        if arm not in results:
+            continue
+        runs = results[arm]
+        p95, energy = (np.mean(served_values(runs, k) or [np.nan]) for k in ("p95_ms", "energy_j_per_request"))
+        viol = np.mean([r["slo_violation_rate"] for r in runs])
+        rel = 100.0 * (viol / base["slo_violation_rate"] - 1.0) if base["slo_violation_rate"] > 0 else float("nan")
+        r95 = mean_sd([r["rounds_to_95pct_best"] for r in runs])
+        cpu = np.mean([r["control_cpu_us"] for r in runs])
+        d95 = "–" if np.isnan(p95) else f"{p95 - base['p95_ms']:+.0f}"
+        de = "–" if np.isnan(energy) else f"{energy - base['energy_j_per_request']:+.3f}"
+        lines.append(f"| {title} | {d95} | {de} | {rel:+.0f} % | {r95[0]:.1f} ± {r95[1]:.1f} | {cpu:.0f} "
+                     f"| {cpu / off_cpu:.2f}x |")
     return "\n".join(lines)
 
 
@@ -284,6 +339,8 @@ def report(client, parent_run_ids: str | list[str]) -> str:
         + ", ".join(f"{arm} {n}" for arm, n in seeds.items()) + f"; MLflow parent {', '.join(parents)})",
         "## Paper 001 Tables 1-3 (final deployed policies, held-out twin seeds)", main_table(results),
         "## Paper 001 Table 5 ablations", ablation_table(results),
+        *(["## Paper 001 Table 5, control hierarchy (relative to ctl)", control_table(results)]
+          if "mafl-ctl" in results else []),
         "## Paper 000 Table 3 fault scenarios", fault_table(faults),
     ])
     if len(parents) > 1:

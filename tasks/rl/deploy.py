@@ -13,6 +13,7 @@ the very same :func:`run_controlled_episode`.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from edgesim import Action, EdgeCloudTwin, Scenario
 from edgesim.actions import discrete_menu
 from edgesim.envs import Observer
 
-from .spec import RLSpec, background_policy, build_scenario, forecast_fn
+from .spec import RLSpec, background_policy, build_scenario, control_config, forecast_fn
 
 
 def controlled_nodes(spec: RLSpec, scenario: Scenario, client: int) -> np.ndarray:
@@ -74,22 +75,37 @@ class LearnedController:
 
 
 def run_controlled_episode(scenario: Scenario, controller: Any, seed: int,
-                           reward_nodes: np.ndarray | None = None) -> dict[str, float]:
-    """One episode under ``controller``; the twin's summary plus ``return``.
+                           reward_nodes: np.ndarray | None = None, control=None,
+                           forecaster=None) -> dict[str, float]:
+    """One episode under ``controller``; the twin's summary plus ``return`` and ``control_cpu_us``.
 
     ``return`` sums, over steps, the mean reward of ``reward_nodes`` (all
     nodes if None), so agents and baselines are scored on the same nodes.
+    ``control`` (an :class:`edgesim.control.ControlConfig`) runs the ESA/COA
+    hierarchy in the twin (``forecaster``: its MPC's, hybrid mode).
+    ``control_cpu_us`` is the control plane's CPU time per step (the
+    controller's ``act``: agents' forward passes, observations, and the
+    control layer's auctions and MPC), paper 001 Table 5's overhead.
     """
-    twin = EdgeCloudTwin(scenario)
+    from edgesim.control import ControlLayer
+
+    layer = ControlLayer(control, forecaster) if control is not None and control.enabled else None
+    twin = EdgeCloudTwin(scenario, control=layer)
     twin.reset(seed)
     controller.reset(twin)
     nodes = np.arange(twin.num_nodes) if reward_nodes is None else reward_nodes
     max_step = scenario.shield.max_replica_step
-    total = 0.0
+    total, act_s = 0.0, 0.0
     while not twin.done:
-        result = twin.step(Action.from_env(controller.act(twin), max_step))
+        started = time.process_time()
+        rows = controller.act(twin)
+        act_s += time.process_time() - started
+        result = twin.step(Action.from_env(rows, max_step))
         total += float(result.reward[nodes].mean())
-    return {**twin.summary(), "return": total}
+    summary = twin.summary()
+    # the layer's own time inside twin.step (its auctions); its features ran inside act already
+    cpu_s = act_s + (layer.before_step_cpu_s if layer is not None else 0.0)
+    return {**summary, "return": total, "control_cpu_us": 1e6 * cpu_s / max(twin.state.step, 1)}
 
 
 def evaluate_deployment(spec: RLSpec, agents: dict[int, nn.Module], seeds: tuple[int, ...] | list[int],
@@ -100,7 +116,7 @@ def evaluate_deployment(spec: RLSpec, agents: dict[int, nn.Module], seeds: tuple
     runs, counts = [], 0
     for seed in seeds:
         controller = LearnedController(spec, agents)
-        runs.append(run_controlled_episode(scenario, controller, int(seed), nodes))
+        runs.append(run_controlled_episode(scenario, controller, int(seed), nodes, control_config(spec), forecast_fn(spec)))
         counts = counts + controller.action_counts
     mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     total = np.sum(counts)

@@ -29,7 +29,7 @@ BASELINES = ("heuristic", "mpc")
 BASELINE_KEYS = (
     "gpu_util", "cpu_util", "fragmentation", "p95_ms", "p99_ms", "slo_violation_rate", "throughput_rps",
     "energy_j_per_request", "cost_per_1k_usd", "return", "shield_interventions", "fulfillment_rate",
-    "mean_latency_ms",
+    "mean_latency_ms", "served", "control_cpu_us",
 )  # fmt: skip
 FAULT_MEASURES = ("completion", "drift", "response_ms", "slo_violation_rate")
 

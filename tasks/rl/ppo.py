@@ -37,7 +37,7 @@ from torchrl.objectives.value import GAE
 
 from edgesim.envs import EdgeSiteEnv
 
-from .spec import RLSpec, background_policy, build_scenario, forecast_fn, hyper_from_dict, mlp
+from .spec import RLSpec, background_policy, build_scenario, control_config, forecast_fn, hyper_from_dict, mlp, prior_weight
 
 # Output layers: with ``personal_head`` they stay on the client.
 HEAD_PREFIXES = ("actor.head.", "critic.head.")
@@ -55,6 +55,19 @@ class Head(nn.Module):
         return self.head(self.trunk(x))
 
 
+class PriorHead(Head):
+    """A policy head whose logits get ``weight`` x the last ``size`` observation entries:
+    the forecast-MPC's proposal one-hot (hybrid RL + MPC, :mod:`edgesim.control`), a prior
+    the learned logits can outweigh. No extra parameters: the state dict is a Head's."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int, weight: float) -> None:
+        super().__init__(inputs, hidden, outputs)
+        self.size, self.weight = outputs, float(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x)) + self.weight * x[..., -self.size :]
+
+
 class ActorCritic(nn.Module):
     """Separate policy (logits over the menu) and value networks, 2 x ``hidden`` tanh MLPs.
 
@@ -62,9 +75,11 @@ class ActorCritic(nn.Module):
     0.01 on the policy head (near-uniform first policy), 1 on the value head.
     """
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden: int = 64) -> None:
+    def __init__(self, obs_dim: int, num_actions: int, hidden: int = 64, prior_weight: float | None = None) -> None:
         super().__init__()
-        self.actor = Head(obs_dim, hidden, num_actions)
+        # hybrid RL + MPC: the observation ends with the MPC's proposal, added to the logits
+        self.actor = Head(obs_dim, hidden, num_actions) if prior_weight is None else \
+            PriorHead(obs_dim, hidden, num_actions, prior_weight)
         self.critic = Head(obs_dim, hidden, 1)
         for net, head_gain in ((self.actor, 0.01), (self.critic, 1.0)):
             for layer in net.trunk:
@@ -101,7 +116,7 @@ def make_site_env(spec: RLSpec, site: int, faults: str | None = None) -> EdgeSit
     """The edge site ``site`` of the spec's twin, discrete actions."""
     return EdgeSiteEnv(
         build_scenario(spec, faults), site=site, forecast_fn=forecast_fn(spec), horizon=spec.horizon,
-        background_policy=background_policy(spec), discrete_actions=True,
+        background_policy=background_policy(spec), discrete_actions=True, control=control_config(spec),
     )
 
 
@@ -110,7 +125,7 @@ def build_agent(spec: RLSpec, seed: int | None = None) -> ActorCritic:
     env = make_site_env(spec, 0)
     if seed is not None:
         torch.manual_seed(seed)
-    return ActorCritic(env.observation_space.shape[0], int(env.action_space.n), spec.hidden)
+    return ActorCritic(env.observation_space.shape[0], int(env.action_space.n), spec.hidden, prior_weight(spec))
 
 
 def torchrl_modules(agent: ActorCritic) -> tuple[ProbabilisticActor, ValueOperator]:

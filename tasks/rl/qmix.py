@@ -35,7 +35,7 @@ from torchrl.modules import QMixer, VDNMixer
 
 from edgesim.envs import ClusterParallelEnv
 
-from .spec import RLSpec, background_policy, build_scenario, forecast_fn, hyper_from_dict, mlp
+from .spec import RLSpec, background_policy, build_scenario, control_config, forecast_fn, hyper_from_dict, mlp, prior_weight
 
 MIXER_PREFIX = "mixer."  # with ``local_mixer`` these parameters stay on the client
 
@@ -43,26 +43,32 @@ MIXER_PREFIX = "mixer."  # with ``local_mixer`` these parameters stay on the cli
 class AgentQNet(nn.Module):
     """Q-values over the action menu from an observation and a one-hot agent id."""
 
-    def __init__(self, obs_dim: int, num_ids: int, num_actions: int, hidden: int = 64) -> None:
+    def __init__(self, obs_dim: int, num_ids: int, num_actions: int, hidden: int = 64,
+                 prior_weight: float = 0.0) -> None:
         super().__init__()
         self.num_ids = num_ids
+        self.num_actions = num_actions
+        self.prior_weight = float(prior_weight)  # hybrid: obs ends with the MPC proposal one-hot
         self.net = mlp(obs_dim + num_ids, hidden, num_actions, activation=nn.ReLU)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """``obs``: (..., n_agents, obs_dim) -> (..., n_agents, num_actions)."""
         n = obs.shape[-2]
         ids = torch.eye(self.num_ids, dtype=obs.dtype)[:n].expand(*obs.shape[:-1], self.num_ids)
-        return self.net(torch.cat((obs, ids), dim=-1))
+        q = self.net(torch.cat((obs, ids), dim=-1))
+        if self.prior_weight:
+            q = q + self.prior_weight * obs[..., -self.num_actions :]
+        return q
 
 
 class QMixLearner(nn.Module):
     """Agent network + mixer; one state dict (``agent.*``, ``mixer.*``) for the federation."""
 
     def __init__(self, obs_dim: int, n_agents: int, num_ids: int, num_actions: int, hidden: int = 64,
-                 mixer: str = "qmix", embed_dim: int = 32) -> None:
+                 mixer: str = "qmix", embed_dim: int = 32, prior_weight: float = 0.0) -> None:
         super().__init__()
         self.n_agents = n_agents
-        self.agent = AgentQNet(obs_dim, num_ids, num_actions, hidden)
+        self.agent = AgentQNet(obs_dim, num_ids, num_actions, hidden, prior_weight)
         if mixer == "qmix":
             self.mixer = QMixer(state_shape=(n_agents * obs_dim,), mixing_embed_dim=embed_dim, n_agents=n_agents, device="cpu")
         elif mixer == "vdn":
@@ -110,6 +116,7 @@ def make_cluster_env(spec: RLSpec, cluster: int, faults: str | None = None) -> C
     return ClusterParallelEnv(
         build_scenario(spec, faults), cluster=cluster, forecast_fn=forecast_fn(spec), horizon=spec.horizon,
         background_policy=background_policy(spec), discrete_actions=True, shared_reward=True,
+        control=control_config(spec),
     )
 
 
@@ -121,7 +128,8 @@ def build_learner(spec: RLSpec, seed: int | None = None, cluster: int = 0) -> QM
     if seed is not None:
         torch.manual_seed(seed)
     return QMixLearner(env.observation_space(env.possible_agents[0]).shape[0], len(env.possible_agents), num_ids,
-                       int(env.action_space(env.possible_agents[0]).n), spec.hidden, spec.mixer, hyper.embed_dim)
+                       int(env.action_space(env.possible_agents[0]).n), spec.hidden, spec.mixer, hyper.embed_dim,
+                       prior_weight(spec) or 0.0)
 
 
 class Replay:

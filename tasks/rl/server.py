@@ -41,7 +41,9 @@ from tasks.rl.task import FORECASTER_KEY, SPEC_KEY, build_model, deployed_state,
 EVAL_KEYS = (
     "return", "slo_violation_rate", "shield_interventions", "p95_ms", "p99_ms", "mean_latency_ms",
     "throughput_rps", "energy_j_per_request", "cost_per_1k_usd", "gpu_util", "cpu_util", "fragmentation",
-    "fulfillment_rate", "mean_power_w",
+    "fulfillment_rate", "mean_power_w", "served", "cloud_share", "control_cpu_us",
+    # paper 001's control hierarchy (task.control.enabled): COA figures of edgesim.control
+    "coa_return", "coa_decisions", "control_clips", "coa_migrations",
 )  # fmt: skip
 HEADLINE = ("eval_return", "eval_slo_violation_rate", "eval_p95_ms", "eval_p99_ms", "eval_energy_j_per_request",
             "eval_cost_per_1k_usd", "eval_shield_interventions", "train_return")
@@ -98,7 +100,7 @@ class RLServer(ServerTask):
 
         scores, _ = evaluate_deployment(self.spec, self.deployed_agents(arrays.to_torch_state_dict()),
                                         self.spec.eval_seeds)
-        return {f"eval_{k}": scores[k] for k in EVAL_KEYS}
+        return {f"eval_{k}": scores[k] for k in EVAL_KEYS if k in scores}
 
     def validation_score(self, arrays: ArrayRecord) -> float:
         """Return of one twin episode with every site's policy deployed, on a held-out

@@ -96,6 +96,9 @@ class RLSpec:
         the app elsewhere, where the file's relative path would not resolve).
     hyper : dict
         Algorithm hyper-parameters (``conf/task/<algo>.yaml``).
+    control : str, optional
+        The task's ``control`` block as JSON when enabled (paper 001's ESA/COA
+        hierarchy, :mod:`edgesim.control`); None: the plain twin.
     """
 
     algo: str = "ppo"
@@ -119,6 +122,7 @@ class RLSpec:
     trace_dir: str | None = None
     devices: str | None = None
     twin: str | None = None
+    control: str | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "RLSpec":
@@ -148,6 +152,7 @@ class RLSpec:
             hyper={k: float(v) for k, v in OmegaConf.to_container(task.hyper, resolve=True).items()},
             trace_dir=str(task.trace_dir) if task.trace_dir else None,
             devices=json.dumps(OmegaConf.to_container(cfg.devices, resolve=True), sort_keys=True),
+            control=_control_json(task),
         )
 
     def to_json(self) -> str:
@@ -162,6 +167,30 @@ class RLSpec:
     @property
     def horizon(self) -> int:
         return FORECAST_HORIZON if self.use_forecast else 0
+
+
+def _control_json(task) -> str | None:
+    from omegaconf import OmegaConf
+
+    block = task.get("control")
+    if block is None or not block.get("enabled", False):
+        return None
+    return json.dumps(OmegaConf.to_container(block, resolve=True), sort_keys=True)
+
+
+def control_config(spec: RLSpec):
+    """The spec's :class:`edgesim.control.ControlConfig`, or None when the hierarchy is off."""
+    if spec.control is None:
+        return None
+    from edgesim.control import ControlConfig
+
+    return ControlConfig.from_dict(json.loads(spec.control))
+
+
+def prior_weight(spec: RLSpec) -> float | None:
+    """beta of the hybrid arm's MPC prior (added to logits / Q-values), None without one."""
+    control = control_config(spec)
+    return control.prior_weight if control is not None and control.hybrid else None
 
 
 def _twin_config(name: str, twin: str | None) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class RLTask(Task):
         _check(_is_number(task.episode_s) and task.episode_s >= 10,
                f"task.episode_s={task.episode_s} is invalid: use at least 10 simulated seconds")
         _check(len(task.eval_seeds) >= 1, "task.eval_seeds is empty: give at least one held-out twin seed")
+        _check_control(task)
         spec = RLSpec.from_config(cfg)
         check_hyper(spec)
         _check(not cfg.privacy.secagg.enabled or (spec.federated and not spec.personal_head and not spec.local_mixer),
@@ -166,7 +167,31 @@ def rl_arm(cfg: DictConfig) -> str:
         parts.append("nofc")
     if task.faults != "default":
         parts.append(str(task.faults))
+    control = task.get("control")
+    if control is not None and control.enabled:  # paper 001's hierarchy: +arm=ctl|noprice|costcap|hybrid
+        parts.append("ctl")
+        if not control.pricing:
+            parts.append("noprice")
+        if control.mode != "balanced" and control.mode != "schedule":
+            parts.append(str(control.mode).replace("-", ""))
+        if control.hybrid:
+            parts.append("hybrid")
     return "-".join(parts)
+
+
+def _check_control(task: DictConfig) -> None:
+    """``task.control`` must be a valid :class:`edgesim.control.ControlConfig` (one clear line)."""
+    from omegaconf import OmegaConf
+
+    from edgesim import EdgeSimError
+    from edgesim.control import ControlConfig
+
+    if task.get("control") is None:
+        return
+    try:
+        ControlConfig.from_dict(OmegaConf.to_container(task.control, resolve=True))
+    except EdgeSimError as err:
+        raise ValueError(str(err)) from None
 
 
 def build_model(spec: RLSpec, client: int = 0, seed: int | None = None) -> torch.nn.Module:

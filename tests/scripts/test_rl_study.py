@@ -10,6 +10,7 @@ from scripts.rl_study import (
     COLUMNS,
     ablation_table,
     arm_results,
+    control_table,
     fault_results,
     faults_figure,
     main_table,
@@ -62,6 +63,38 @@ def test_table_5_is_deltas_against_mafl(runs):
     # Assert: p95 500 - 150 = +350; energy 0.50 - 0.30 = +0.200; violations 0.25 / 0.10 - 1 = +150 %; rounds 5 ± 0
     assert table[2] == "| No FL (MARL only) | +350 | +0.200 | +150 % | 5.0 ± 0.0 |"
     assert table[3] == "| MA-FL (ours) | +0 | +0.000 | +0 % | 3.0 ± 1.4 |"
+
+
+def control_child(arm: str, seed: int, p95: float, viol: float, energy: float, cpu: float, served: float = 100.0) -> dict:
+    row = child(arm, seed, p95, viol, energy, rounds=3)
+    row.update({"eval_control_cpu_us": cpu, "eval_served": served})
+    return row
+
+
+def test_the_control_table_is_deltas_against_ctl_with_the_cpu_ratio():
+    # Prepare: ctl p95 200, viol 0.20, 0.30 J, 900 µs; noprice p95 250, viol 0.25; MA-FL 600 µs
+    runs = pd.DataFrame([
+        control_child("mafl", 0, p95=150.0, viol=0.10, energy=0.25, cpu=600.0),
+        control_child("mafl-ctl", 0, p95=200.0, viol=0.20, energy=0.30, cpu=900.0),
+        control_child("mafl-ctl-noprice", 0, p95=250.0, viol=0.25, energy=0.35, cpu=750.0),
+    ])
+    # Execute
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in control_table(arm_results(runs)).splitlines()[2:]}
+    # Assert: noprice +50 ms, +0.050 J, 0.25 / 0.20 - 1 = +25 %, 750 / 600 = 1.25x; ctl 900 / 600 = 1.50x
+    assert rows["No pricing/auction"][1:4] == ["+50", "+0.050", "+25 %"]
+    assert rows["No pricing/auction"][5:7] == ["750", "1.25x |"]
+    assert rows["ctl (cadences + pricing + modes)"][1:4] == ["+0", "+0.000", "+0 %"]
+    assert rows["ctl (cadences + pricing + modes)"][6] == "1.50x |"
+    assert rows["No hierarchy (MA-FL)"][1] == "-50"
+
+
+def test_energy_per_request_is_a_dash_when_nothing_was_served():
+    # an episode that served nothing has no J/request (the twin divides by ~0): the cell is "–"
+    runs = pd.DataFrame([control_child("mafl-ctl-costcap", 0, p95=float("nan"), viol=1.0, energy=3e9, cpu=1.0,
+                                       served=0.0)])
+    table = main_table(arm_results(runs)).splitlines()
+    energy = [t for _, t, *_ in COLUMNS].index("J/req") + 1
+    assert table[-1].split(" | ")[energy] == "–"
 
 
 def test_fault_table_rows_come_from_each_arms_runs(runs):

@@ -201,3 +201,33 @@ def test_learned_agents_and_baselines_share_one_evaluation_loop():
         assert {"return", "p95_ms", "slo_violation_rate", "energy_j_per_request"} <= set(metrics)
         assert metrics["steps"] == 64
     assert dist.sum() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ paper 001's control hierarchy
+
+
+def test_hybrid_prior_adds_beta_times_the_mpc_proposal_to_the_logits():
+    # Prepare: a policy head with zero weights, so the learned logits are 0; beta = 2
+    head = ppo.PriorHead(inputs=4, hidden=8, outputs=2, weight=2.0)
+    torch.nn.init.zeros_(head.head.weight), torch.nn.init.zeros_(head.head.bias)
+    # Execute: the observation ends with the MPC's proposal one-hot (action 1)
+    logits = head(torch.tensor([0.3, 0.1, 0.0, 1.0]))
+    # Assert
+    torch.testing.assert_close(logits, torch.tensor([0.0, 2.0]))
+
+
+def test_a_control_spec_gives_the_esa_prices_modes_and_the_mpc_proposal():
+    import json
+
+    spec = RLSpec(**TINY, control=json.dumps({"enabled": True, "hybrid": True, "mode": "cost-cap"}))
+    env = ppo.make_site_env(spec, site=0)
+    obs, _ = env.reset(seed=0)
+    names = env.observer.names
+    assert names[-14 - 9:-14] == ("price_slice", "price_link", "alloc_slice", "alloc_link", "coa_phase",
+                                  "mode[balanced]", "mode[energy-saver]", "mode[burst-absorber]", "mode[cost-cap]")
+    assert obs[names.index("mode[cost-cap]")] == 1.0 and obs[-14:].sum() == 1.0  # one MPC proposal
+    agent = ppo.build_agent(spec, seed=0)
+    assert isinstance(agent.actor, ppo.PriorHead) and agent.actor.weight == 2.0
+    scores, _ = deploy.evaluate_deployment(spec, {0: agent}, [3])
+    assert scores["coa_decisions"] == 64 / 3 // 1 + 1  # steps 0, 3, ..., 63
+    assert scores["control_cpu_us"] > 0

@@ -102,7 +102,11 @@ def test_an_interrupted_rl_run_resumes_from_its_last_checkpoint(tracking_uri, tm
         (["task=ppo", "task.forecaster=tcn"], r"task.forecaster=tcn is unknown: use seasonal-naive or federated:"),
         (["task=ppo", "+arm=vdn"], r"task.mixer=vdn \(\+arm=vdn\) needs task=qmix"),
         (["task=qmix", "clients.num=3", "+arm=ph"], r"task.personal_head=true \(\+arm=ph\) needs task=ppo"),
-        (["task=ppo", "+arm=nofl"], r"unknown arm 'nofl': choose one of mafl, marl, nofc, noshield, ph, vdn"),
+        (["task=ppo", "+arm=nofl"],
+         r"unknown arm 'nofl': choose one of costcap, ctl, hybrid, mafl, marl, nofc, noprice, noshield, ph, vdn"),
+        (["task=ppo", "+arm=ctl", "task.control.coa_every=0"], r"task.control.coa_every=0 is invalid: the COA cadence"),
+        (["task=ppo", "+arm=ctl", "task.control.mode=turbo"], r"task.control.mode=turbo is unknown"),
+        (["task=qmix", "clients.num=3", "task.control.price_weight=-0.5"], r"task.control.price_weight=-0.5 is invalid"),
     ],
 )
 def test_bad_rl_config_is_one_clear_error(overrides, match):
@@ -124,6 +128,21 @@ def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["algo"] == task
     assert [m.value for m in client.get_metric_history(run.info.run_id, "clients_replied")] == [clients, clients]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_return")] == [0, 1, 2]
+
+
+@pytest.mark.e2e
+def test_a_real_flower_simulation_runs_the_control_hierarchy_arm(tmp_path):
+    # Prepare: PPO ESAs under paper 001's hierarchy (+arm=ctl: COA every 3 steps, auctions, mode schedule)
+    uri = sqlite_uri(tmp_path)
+    # Execute
+    result = run_module("fl_server.runtime.launch", "task=ppo", "+arm=ctl", "clients.num=2", *TINY,
+                        "task.final_study=false", f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
+    # Assert: the run is tagged with the arm; every evaluation saw the COA decide at steps 0, 3, ..., 57
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "mafl-ctl"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_coa_decisions")] == [20.0, 20.0, 20.0]
+    assert run.data.metrics["eval_control_cpu_us"] > 0
 
 
 def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(tracking_uri, tmp_path):
