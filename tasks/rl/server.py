@@ -41,7 +41,8 @@ from tasks.rl.task import FORECASTER_KEY, SPEC_KEY, build_model, deployed_state,
 EVAL_KEYS = (
     "return", "slo_violation_rate", "shield_interventions", "p95_ms", "p99_ms", "mean_latency_ms",
     "throughput_rps", "energy_j_per_request", "cost_per_1k_usd", "gpu_util", "cpu_util", "fragmentation",
-    "fulfillment_rate", "mean_power_w",
+    "fulfillment_rate", "mean_power_w", "fairness_variance", "jain_fairness", "satisfaction",
+    "min_region_fulfillment",
 )  # fmt: skip
 HEADLINE = ("eval_return", "eval_slo_violation_rate", "eval_p95_ms", "eval_p99_ms", "eval_energy_j_per_request",
             "eval_cost_per_1k_usd", "eval_shield_interventions", "train_return")
@@ -87,7 +88,7 @@ class RLServer(ServerTask):
     def deployed_agents(self, global_state: dict) -> dict[int, Any]:
         """Every client's agent as that site would run it now."""
         agents = {}
-        for client in range(self.spec.num_clients):
+        for client in range(self.spec.agent_sites):  # C-ML: the one model on every site it learnt from
             model = build_model(self.spec, client)
             model.load_state_dict(deployed_state(self.spec, global_state, self.client_models.get(client)))
             agents[client] = model.eval()
