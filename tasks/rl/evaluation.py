@@ -86,13 +86,21 @@ def baseline_metrics(spec, name: str, faults: str | None = None) -> dict[str, fl
                   for seed in spec.eval_seeds])
 
 
-def final_study(spec, agents: dict[int, Any]) -> dict[str, float]:
-    """Every figure above as flat MLflow metric names."""
-    from tasks.rl.spec import build_scenario
-
+def final_study(spec, agents: dict[int, Any], baselines: bool = True) -> dict[str, float]:
+    """Every figure above as flat MLflow metric names (``baselines=False``: the agents' only;
+    a study that scores the deterministic baselines once itself, as ``scripts.regions_study``)."""
     out: dict[str, float] = {}
     for name, measures in agent_fault_study(spec, agents).items():
         out.update({f"fault_{name}_{k}": v for k, v in measures.items()})
+    return {**out, **baseline_study(spec)} if baselines else out
+
+
+def baseline_study(spec) -> dict[str, float]:
+    """The heuristic and the MPC on the spec's held-out seeds: fault-free, and (the heuristic;
+    on a regions twin both) under every scored scenario."""
+    from tasks.rl.spec import build_scenario
+
+    out: dict[str, float] = {}
     for baseline in BASELINES:
         metrics = baseline_metrics(spec, baseline)
         out.update({f"baseline_{baseline}_{k}": metrics[k] for k in BASELINE_KEYS})

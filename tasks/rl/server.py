@@ -126,7 +126,8 @@ class RLServer(ServerTask):
             [row.get("eval_return", np.nan) for row in history]))}
         if self.cfg.task.final_study:  # fault scenarios and baselines on the held-out seeds
             started = time.perf_counter()
-            tracker.log_metrics(final_study(self.spec, self.deployed_agents(final.to_torch_state_dict())),
+            tracker.log_metrics(final_study(self.spec, self.deployed_agents(final.to_torch_state_dict()),
+                                            baselines=bool(self.cfg.task.get("final_baselines", True))),
                                 step=int(self.cfg.num_rounds))
             extra["final_study_s"] = time.perf_counter() - started
         return extra
