@@ -20,12 +20,18 @@ Definitions (per episode):
 * fulfillment rate: served / arrived (paper 000's A/D);
 * fairness variance: variance over regions (edge clusters) of their
   fulfillment A_j/D_j, the Var(R_j) term of paper 000 eq. 11, with Jain's
-  index of the same numbers alongside.
+  index of the same numbers alongside;
+* satisfaction: mean over regions of paper 000's S_j (:mod:`edgesim.fairness`,
+  from each region's fulfillment, mean response time and redundancy = the
+  share of its provisioned replica capacity left idle);
+* min region fulfillment: the worst-served region's A_j/D_j.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .fairness import jain_index
 
 DROP_REASONS = ("rejected", "overflow", "timeout", "failure", "no_route", "cloud_unavailable", "packet_loss")
 
@@ -144,6 +150,10 @@ class EpisodeMetrics:
         self.fragmentation = 0.0
         self.fragmentation_samples = 0
         self.interventions = np.zeros(len(rule_names), dtype=np.int64)
+        self.latency_sum_s = np.zeros(num_nodes)  # request-seconds by ingress/serving node (region response time)
+        self.provisioned = np.zeros(num_nodes)  # replica capacity offered, requests (region redundancy)
+        self.response_ref_s = 0.15  # satisfaction's references (edgesim.fairness); the twin sets them
+        self.redundancy_ref = 0.2
         self.migrations = 0
         self.replica_churn = 0
 
@@ -152,6 +162,20 @@ class EpisodeMetrics:
         arrived = np.add.reduceat(self.arrived, self.cluster_start)
         served = np.add.reduceat(self.served_edge + self.served_cloud, self.cluster_start)
         return np.divide(served, arrived, out=np.ones_like(served), where=arrived > 0)
+
+    def region_measures(self) -> dict[str, np.ndarray]:
+        """Per region (edge cluster): fulfillment, mean response time (s), redundancy, satisfaction."""
+        from .fairness import satisfaction
+
+        starts = self.cluster_start
+        served = np.add.reduceat(self.served_edge + self.served_cloud, starts)
+        response = np.add.reduceat(self.latency_sum_s, starts) / np.maximum(served, 1e-12)
+        provisioned = np.add.reduceat(self.provisioned, starts)
+        idle = np.maximum(provisioned - np.add.reduceat(self.served_edge, starts), 0.0)
+        redundancy = np.divide(idle, provisioned, out=np.zeros_like(idle), where=provisioned > 0)
+        fulfilled = self.region_fulfillment()
+        return {"fulfillment": fulfilled, "response_s": response, "redundancy": redundancy,
+                "satisfaction": satisfaction(fulfilled, response, redundancy, self.response_ref_s, self.redundancy_ref)}
 
     def summary(self) -> dict[str, float]:
         """All metrics of the episode so far (see the module docstring)."""
@@ -165,9 +189,9 @@ class EpisodeMetrics:
         served = max(served_total, 1e-12)
         energy_edge = float(self.energy_edge_j.sum())
         cost = served_cloud * self.cloud_unit_cost_usd
-        fulfillment = self.region_fulfillment()
-        squares = float((fulfillment**2).sum())
-        jain = float(fulfillment.sum() ** 2 / (len(fulfillment) * squares)) if squares > 0 else 1.0
+        regions = self.region_measures()
+        fulfillment = regions["fulfillment"]
+        jain = jain_index(fulfillment)
         gpu_steps = float(self.alive_steps @ self.gpu)
         cpu_steps = float(self.alive_steps.sum())
         out = {
@@ -187,6 +211,8 @@ class EpisodeMetrics:
             "fulfillment_rate": served_total / arrived if arrived > 0 else 1.0,
             "fairness_variance": float(np.var(fulfillment)),
             "jain_fairness": jain,
+            "satisfaction": float(regions["satisfaction"].mean()),
+            "min_region_fulfillment": float(fulfillment.min()),
             "cloud_share": served_cloud / served,
             "arrived": arrived,
             "served": served_total,

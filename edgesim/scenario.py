@@ -26,6 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import EdgeSimError
+from .fairness import parse_fairness
+from .regions import cluster_configs, parse_regions
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
@@ -256,6 +258,8 @@ class Scenario:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     faults: tuple[Fault, ...] = ()
     reward: RewardSpec = field(default_factory=RewardSpec)
+    fairness: Any = None  # edgesim.fairness.FairnessSpec (lambda 0: no fairness term)
+    regions: Any = None  # edgesim.regions.RegionLayout when the clusters come from regions
 
     # -- derived ------------------------------------------------------------
     @property
@@ -359,6 +363,7 @@ def load_scenario(path_or_name: str | Path, overrides: Mapping[str, Any] | None 
 _TOP_KEYS = (
     "name", "devices", "step_s", "episode_s", "slo_ms", "clusters", "cloud_regions", "accelerators",
     "layout_seed", "network", "service", "cost", "power", "thermal", "shield", "workload", "faults", "reward",
+    "fairness", "regions",
 )  # fmt: skip
 
 
@@ -380,7 +385,8 @@ def _parse(config: Mapping[str, Any], devices: Mapping[str, Any] | None) -> Scen
     episode_s = _number(config, "episode_s", "twin", default=3600.0, positive=True)
     episode_steps = _whole_multiple(episode_s, step_s, "twin.episode_s", "twin.step_s")
     regions = _cloud_regions(config.get("cloud_regions"), fleet)
-    clusters = _clusters(config.get("clusters"), fleet, regions, config.get("layout_seed", 0))
+    layout, cluster_config = _regions(config, fleet)
+    clusters = _clusters(cluster_config, fleet, regions, config.get("layout_seed", 0))
     used = {p for c in clusters for p in c.nodes} | {r.profile for r in regions}
     accelerators = _accelerators(config.get("accelerators"), used)
     scenario = Scenario(
@@ -402,11 +408,24 @@ def _parse(config: Mapping[str, Any], devices: Mapping[str, Any] | None) -> Scen
         workload=_workload(config.get("workload"), step_s),
         faults=(),
         reward=_section(config.get("reward"), RewardSpec, "twin.reward", nonneg=("slo", "energy", "cost")),
+        fairness=parse_fairness(config.get("fairness")),
+        regions=layout,
     )
     _check_cross(scenario)
     faults = _faults(config.get("faults"), scenario)
     object.__setattr__(scenario, "faults", faults)
     return scenario
+
+
+def _regions(config: Mapping[str, Any], fleet: Any) -> tuple[Any, Any]:
+    """``(RegionLayout, clusters config)``: regions expand into one cluster each (paper 000 Table 2)."""
+    if config.get("regions") is None:
+        return None, config.get("clusters")
+    if config.get("clusters") is not None:
+        raise EdgeSimError("twin config gives both clusters and regions: give regions (one cluster per region) "
+                           "or clusters, not both")
+    layout = parse_regions(config["regions"], set(fleet.profiles))
+    return layout, cluster_configs(layout)
 
 
 def _fleet(devices: Any) -> Any:

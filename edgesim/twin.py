@@ -42,6 +42,7 @@ import numpy as np
 
 from .actions import NO_MIGRATION, Action
 from .errors import EdgeSimError
+from .fairness import SmoothedFulfillment, fairness_penalty
 from .faults import FaultSchedule, build_fault_schedule
 from .metrics import DROP_REASONS, EpisodeMetrics
 from .scenario import Scenario
@@ -139,19 +140,20 @@ class StepResult:
     @property
     def reward(self) -> np.ndarray:
         if self._reward is None:
-            arrivals, served_node, cloud_served, _, late, neigh_in, node_drops, energy = self._parts
+            arrivals, served_node, cloud_served, _, late, neigh_in, node_drops, energy, penalty = self._parts
             twin = self._twin
             if twin.control is None:
-                self._reward = twin._reward(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served)
-            else:  # the control layer weighs the terms by the current mode and charges prices
+                self._reward = twin._reward(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served,
+                                            penalty)
+            else:  # the control layer weighs the terms by the current mode and charges prices; fairness as without it
                 terms = twin.reward_terms(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served)
-                self._reward = twin.control.reward(twin, terms)
+                self._reward = twin.control.reward(twin, terms) - penalty
         return self._reward
 
     @property
     def reward_terms(self) -> np.ndarray:
         """(N, 3) unweighted reward terms: SLO miss rate, energy / full power, cloud share."""
-        arrivals, served_node, cloud_served, _, late, neigh_in, node_drops, energy = self._parts
+        arrivals, served_node, cloud_served, _, late, neigh_in, node_drops, energy, _ = self._parts
         return self._twin.reward_terms(arrivals, neigh_in, node_drops, late, energy, served_node, cloud_served)
 
     @property
@@ -263,6 +265,10 @@ class EdgeCloudTwin:
         self._cloud_exponent = np.sqrt(2.0 * (self.cloud_servers + 1.0)) - 1.0
         self._cloud_mean_wait_unit = self.cloud_service_s / self.cloud_servers
         self._hold = Action.hold(self.num_nodes)
+        fairness = sc.fairness
+        self._fairness_on = fairness is not None and fairness.enabled
+        self._response_ref_s = (fairness.response_ref_ms if fairness and fairness.response_ref_ms else sc.slo_ms) / 1e3
+        self._redundancy_ref = fairness.redundancy_ref if fairness else 0.2
 
     def reset(self, seed: int | None = None) -> TwinState:
         """Start a new episode; all randomness is drawn here from ``seed``."""
@@ -301,6 +307,9 @@ class EdgeCloudTwin:
             cloud_unit_cost_usd=self.cloud_unit_cost,
             response_gb=sc.network.response_kb / 1e6,
         )
+        self.metrics.response_ref_s, self.metrics.redundancy_ref = self._response_ref_s, self._redundancy_ref
+        if self._fairness_on:
+            self._smoothed = SmoothedFulfillment(self.num_clusters, sc.step_s, sc.fairness.window_s)
         self._history = self.workload.history()
         self._interval_arrivals = np.zeros(n)
         self.history_version = 0
@@ -402,12 +411,20 @@ class EdgeCloudTwin:
         late += cloud_late
         energy = self._power(served_node)
         self._account(arrivals, served_node, cloud_served, drops, late, energy, interventions)
+        self.metrics.provisioned += capacity
+        penalty = self._fairness_penalty(arrivals, served_node + cloud_served, t) if self._fairness_on else 0.0
         self._remember(arrivals, served_node, capacity)
         s.step = t + 1
         return StepResult(
             self, interventions, s.step >= self.scenario.episode_steps,
-            (arrivals, served_node, cloud_served, drops, late, neigh_in, node_drops, energy),
+            (arrivals, served_node, cloud_served, drops, late, neigh_in, node_drops, energy, penalty),
         )  # fmt: skip
+
+    def _fairness_penalty(self, arrivals: np.ndarray, served: np.ndarray, t: int) -> float:
+        """Paper 000 eq. 11's fairness term for this step (:func:`edgesim.fairness.fairness_penalty`)."""
+        starts = self.nodes.cluster_start
+        smoothed = self._smoothed.update(np.add.reduceat(served, starts), np.add.reduceat(arrivals, starts))
+        return fairness_penalty(self.scenario.fairness, (t + 1) * self.step_s, smoothed)
 
     # 1. faults
     def _faults(self, t: int, drops: np.ndarray) -> np.ndarray:
@@ -628,11 +645,14 @@ class EdgeCloudTwin:
         else:  # service time + network alone miss the SLO
             p_late = np.where(slack >= 0.0, p_wait[:, None] * np.exp(-np.maximum(slack, 0.0) / mean_wait[:, None]), 1.0)
         late = np.add.reduce(fresh * p_late, axis=1)
-        self.metrics.latency.add((fixed[:, :, None] + points[:, None, :]).ravel(), (fresh[:, :, None] * self.bin_width).ravel())
+        latency, weight = fixed[:, :, None] + points[:, None, :], fresh[:, :, None] * self.bin_width
+        self.metrics.latency.add(latency.ravel(), weight.ravel())
+        self.metrics.latency_sum_s += np.add.reduce((latency * weight).reshape(self.num_nodes, -1), axis=1)
         if backlog is not None:
             aged = self.age_s[1:, None] + fixed[:, None, :]  # (N, A-1, 2)
             late += np.add.reduce((backlog * (aged > self.slo_s)).reshape(self.num_nodes, -1), axis=1)
             self.metrics.latency.add(aged.ravel(), backlog.ravel())
+            self.metrics.latency_sum_s += np.add.reduce((aged * backlog).reshape(self.num_nodes, -1), axis=1)
         return late, served_node
 
     def _wait(self, served: np.ndarray, capacity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -689,8 +709,10 @@ class EdgeCloudTwin:
         base = self._cloud_fixed_s[t] + wait[region]
         retry = base + self.rto_s
         self.metrics.latency.add(base, served - retried)
+        self.metrics.latency_sum_s += base * (served - retried)
         if loss:
             self.metrics.latency.add(retry, retried)
+            self.metrics.latency_sum_s += retry * retried
         late = (served - retried) * (base > self.slo_s) + retried * (retry > self.slo_s)
         self.metrics.energy_cloud_j += float(served_region @ self.cloud_energy_per_request)
         return served, late, unavailable + lost
@@ -714,15 +736,17 @@ class EdgeCloudTwin:
             cloud_served / np.maximum(arrivals + neigh_in, 1.0),
         ), axis=1)
 
-    def _reward(self, arrivals, neigh_in, drops, late, energy, served_node, cloud_served) -> np.ndarray:
-        """Per-node reward: -(w_slo x miss rate + w_energy x P / P_active + w_cost x cloud share).
+    def _reward(self, arrivals, neigh_in, drops, late, energy, served_node, cloud_served, penalty=0.0) -> np.ndarray:
+        """Per-node reward: -(w_slo x miss rate + w_energy x P / P_active + w_cost x cloud share
+        + the fairness term lambda(t) 4 Var_j(F_j(t)), shared by every node; paper 000 eq. 11).
 
         The miss rate is over the requests that left this node or its users
         this step (served here or in the cloud, or dropped), so it stays in [0, 1].
         """
         finished = np.maximum(served_node + cloud_served + drops, 1.0)
         cost_term = cloud_served / np.maximum(arrivals + neigh_in, 1.0)  # vs. sending everything there
-        return -(self.reward_slo * (drops + late) / finished + self.reward_energy_per_j * energy + self.reward_cost * cost_term)
+        return -(self.reward_slo * (drops + late) / finished + self.reward_energy_per_j * energy + self.reward_cost * cost_term
+                 + penalty)
 
     def _account(self, arrivals, served_node, cloud_served, drops, late, energy, interventions) -> None:
         m, s = self.metrics, self.state

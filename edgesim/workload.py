@@ -94,11 +94,19 @@ def build_workload(scenario: Scenario, seed: int) -> Workload:
         sites, start = tuple("constant" for _ in range(num_nodes)), spec.history_intervals
         rates = np.full((num_nodes, needed), spec.rate_rps)
     else:
+        # A regions twin draws one series per region, shared by its nodes: the region's workload shape,
+        # the same at every edge-node density (paper 000 Table 4 keeps the other parameters constant).
+        series = num_nodes if scenario.regions is None else len(scenario.clusters)
         if spec.source == "trace":
-            shape, sites, start = _trace_shapes(spec.trace_dir, spec.interval_s, num_nodes, needed, spec, rng)
+            shape, sites, start = _trace_shapes(spec.trace_dir, spec.interval_s, series, needed, spec, rng)
         else:
-            shape, sites, start = _synthetic_shapes(scenario, num_nodes, needed, seed)
-        rates = spec.mean_load * capacity_reference(scenario)[:, None] * shape
+            shape, sites, start = _synthetic_shapes(scenario, series, needed, seed)
+        if scenario.regions is not None:
+            shape, sites = shape[scenario.nodes.cluster], tuple(sites[c] for c in scenario.nodes.cluster)
+        rates = spec.mean_load * shape * (
+            region_demand(scenario, start - spec.history_intervals, needed) if scenario.regions is not None
+            else capacity_reference(scenario)[:, None]
+        )
     return Workload(
         envelope=rates,
         history_intervals=spec.history_intervals,
@@ -116,6 +124,26 @@ def capacity_reference(scenario: Scenario) -> np.ndarray:
     sums = np.bincount(nodes.cluster, weights=nodes.full_rate)
     counts = np.bincount(nodes.cluster)
     return (sums / counts)[nodes.cluster]
+
+
+def region_demand(scenario: Scenario, first_interval: int, intervals: int) -> np.ndarray:
+    """Requests/s per node and interval that ``mean_load`` refers to in a regions twin, (N, intervals).
+
+    A region's demand is its industry's ``load`` x the service rate of the
+    nodes it has at the reference density x the industry's daily factor,
+    shared evenly by the nodes it has now (:mod:`edgesim.regions`), so
+    changing the density changes capacity, not demand.
+    """
+    from .regions import daily_factor
+
+    interval_h = scenario.workload.interval_s / 3600.0
+    hours = (first_interval + np.arange(intervals)) * interval_h % 24.0
+    rows = []
+    for region in scenario.regions.regions:
+        reference = sum(scenario.node_rate(p) for p in region.reference_nodes)
+        per_node = region.load * reference / len(region.nodes) * daily_factor(region, hours)
+        rows.extend([per_node] * len(region.nodes))
+    return np.array(rows)
 
 
 def unit_mean_shape(series: np.ndarray, burst_cap: float) -> np.ndarray:

@@ -15,12 +15,13 @@ from fl_server.runtime.superlink import LocalSuperLink
 
 
 def run_jobs(planned: list[tuple[str, list[str]]], parent_run_id: str, tracking_uri: str,
-             console: Console) -> list[JobOutcome]:
+             console: Console, ray_head: bool = False) -> list[JobOutcome]:
     """Run every ``(label, overrides)`` job as a child of ``parent_run_id`` on one
-    SuperLink; an invalid config is reported and skipped. Prints the summary table."""
+    SuperLink; an invalid config is reported and skipped. Prints the summary table.
+    ``ray_head``: one private Ray head for all jobs (Ray's start-up paid once, as a sweep)."""
     outcomes: list[JobOutcome] = []
     started = time.perf_counter()
-    with LocalSuperLink() as superlink:
+    with LocalSuperLink(ray_head=ray_head) as superlink:
         for number, (label, overrides) in enumerate(planned, start=1):
             console.print(f"[bold]job {number}/{len(planned)}[/bold] {label}  ({time.perf_counter() - started:.0f} s so far)")
             try:

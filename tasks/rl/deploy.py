@@ -23,13 +23,13 @@ from edgesim import Action, EdgeCloudTwin, Scenario
 from edgesim.actions import discrete_menu
 from edgesim.envs import Observer
 
-from .spec import RLSpec, background_policy, build_scenario, control_config, forecast_fn
+from .spec import RLSpec, background_policy, build_scenario, control_config, edge_only_menu, forecast_fn, site_node
 
 
 def controlled_nodes(spec: RLSpec, scenario: Scenario, client: int) -> np.ndarray:
-    """Global indices of the nodes client ``client``'s agent drives."""
+    """Global indices of the nodes client ``client``'s agent drives (PPO: site ``client``'s node)."""
     if spec.algo == "ppo":
-        return np.array([client])
+        return np.array([site_node(scenario, client)])
     return np.flatnonzero(scenario.nodes.cluster == client)
 
 
@@ -53,6 +53,8 @@ class LearnedController:
         self.observer.reset()
         self.background.reset(twin)
         self.menu, _ = discrete_menu(twin.scenario.shield.max_replica_step)
+        if self.spec.edge_only:
+            self.menu = edge_only_menu(self.menu)
         self.nodes = {c: controlled_nodes(self.spec, twin.scenario, c) for c in self.agents}
         self.action_counts = np.zeros(len(self.menu), dtype=np.int64)
 

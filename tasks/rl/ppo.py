@@ -37,7 +37,18 @@ from torchrl.objectives.value import GAE
 
 from edgesim.envs import EdgeSiteEnv
 
-from .spec import RLSpec, background_policy, build_scenario, control_config, forecast_fn, hyper_from_dict, mlp, prior_weight
+from .spec import (
+    RLSpec,
+    background_policy,
+    build_scenario,
+    control_config,
+    edge_only_menu,
+    forecast_fn,
+    hyper_from_dict,
+    mlp,
+    prior_weight,
+    site_node,
+)
 
 # Output layers: with ``personal_head`` they stay on the client.
 HEAD_PREFIXES = ("actor.head.", "critic.head.")
@@ -113,11 +124,16 @@ class PPOHyper:
 
 
 def make_site_env(spec: RLSpec, site: int, faults: str | None = None) -> EdgeSiteEnv:
-    """The edge site ``site`` of the spec's twin, discrete actions."""
-    return EdgeSiteEnv(
-        build_scenario(spec, faults), site=site, forecast_fn=forecast_fn(spec), horizon=spec.horizon,
+    """The edge site ``site`` of the spec's twin (:func:`~tasks.rl.spec.site_node`), discrete actions;
+    E-ML (``edge_only``) removes the cloud from the action menu."""
+    scenario = build_scenario(spec, faults)
+    env = EdgeSiteEnv(
+        scenario, site=site_node(scenario, site), forecast_fn=forecast_fn(spec), horizon=spec.horizon,
         background_policy=background_policy(spec), discrete_actions=True, control=control_config(spec),
     )
+    if spec.edge_only:
+        env.menu = edge_only_menu(env.menu)
+    return env
 
 
 def build_agent(spec: RLSpec, seed: int | None = None) -> ActorCritic:
@@ -192,10 +208,12 @@ def collect_rollout(env: EdgeSiteEnv, agent: ActorCritic, steps: int, episode_se
 
 
 def ppo_update(agent: ActorCritic, rollout: TensorDict, hyper: PPOHyper, loss: ClipPPOLoss, gae: GAE,
-               optimiser: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
-    """GAE over the rollout, then ``epochs`` x minibatches of the clipped PPO loss."""
-    with torch.no_grad():
-        gae(rollout)  # writes "advantage" and "value_target"
+               optimiser: torch.optim.Optimizer, generator: torch.Generator,
+               advantages_ready: bool = False) -> dict[str, float]:
+    """GAE over the rollout (unless done already), then ``epochs`` x minibatches of the clipped PPO loss."""
+    if not advantages_ready:
+        with torch.no_grad():
+            gae(rollout)  # writes "advantage" and "value_target"
     n = rollout.batch_size[0]
     totals = {"loss_objective": 0.0, "loss_critic": 0.0, "loss_entropy": 0.0, "approx_kl": 0.0}
     updates = 0
@@ -223,6 +241,17 @@ def train_ppo(agent: ActorCritic, env: EdgeSiteEnv, steps: int, hyper: PPOHyper,
     round, else the per-step reward x episode length of the partial one),
     ``train_slo_violation_rate``, ``train_shield_interventions`` and the losses.
     """
+    return train_ppo_pooled(agent, [env], steps, hyper, seed)
+
+
+def train_ppo_pooled(agent: ActorCritic, envs: list[EdgeSiteEnv], steps: int, hyper: PPOHyper,
+                     seed: int) -> dict[str, float]:
+    """One PPO update on the pooled rollouts of ``steps`` steps from each env (one env: plain local PPO).
+
+    C-ML (paper 000's centralised learner) pools every site's experience
+    into each update of one model; GAE runs per site's trajectory (each
+    rollout ends truncated, so advantages never cross from one site to the next).
+    """
     policy, value = torchrl_modules(agent)
     loss = ClipPPOLoss(policy, value, clip_epsilon=hyper.clip, entropy_coeff=hyper.entropy,
                        critic_coeff=hyper.value_coef, loss_critic_type="smooth_l1", normalize_advantage=True)
@@ -230,21 +259,27 @@ def train_ppo(agent: ActorCritic, env: EdgeSiteEnv, steps: int, hyper: PPOHyper,
     optimiser = torch.optim.Adam(agent.parameters(), lr=hyper.lr, eps=1e-5)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    episode_seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=steps // env.twin.scenario.episode_steps + 2)]
+    episode_steps = envs[0].twin.scenario.episode_steps
     torch.manual_seed(seed)  # action sampling
-    rollout = collect_rollout(env, agent, steps, episode_seeds, loss.tensor_keys.sample_log_prob)
-    stats = ppo_update(agent, rollout.batch, hyper, loss, gae, optimiser, generator)
-    episode_steps = env.twin.scenario.episode_steps
-    rewards = rollout.batch["next", "reward"]
+    rollouts = []
+    for env in envs:
+        episode_seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=steps // episode_steps + 2)]
+        rollouts.append(collect_rollout(env, agent, steps, episode_seeds, loss.tensor_keys.sample_log_prob))
+    with torch.no_grad():  # GAE per site's rollout, so that no trajectory runs into another site's
+        for rollout in rollouts:
+            gae(rollout.batch)  # writes "advantage" and "value_target"
+    batch = rollouts[0].batch if len(rollouts) == 1 else torch.cat([r.batch for r in rollouts], 0)
+    stats = ppo_update(agent, batch, hyper, loss, gae, optimiser, generator, advantages_ready=True)
+    returns = [r for rollout in rollouts for r in rollout.episode_returns]
+    summaries = [s for rollout in rollouts for s in rollout.episode_summaries]
     metrics = {
-        "train_return": float(np.mean(rollout.episode_returns)) if rollout.episode_returns
-        else float(rewards.mean()) * episode_steps,
-        "train_episodes": float(len(rollout.episode_returns)),
-        "train_shield_interventions": float(rollout.interventions),
+        "train_return": float(np.mean(returns)) if returns else float(batch["next", "reward"].mean()) * episode_steps,
+        "train_episodes": float(len(returns)),
+        "train_shield_interventions": float(sum(r.interventions for r in rollouts)),
         **{f"train_{k}": v for k, v in stats.items()},
     }
-    if rollout.episode_summaries:
-        metrics["train_slo_violation_rate"] = float(np.mean([s["slo_violation_rate"] for s in rollout.episode_summaries]))
+    if summaries:
+        metrics["train_slo_violation_rate"] = float(np.mean([s["slo_violation_rate"] for s in summaries]))
     return metrics
 
 

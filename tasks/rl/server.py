@@ -41,7 +41,8 @@ from tasks.rl.task import FORECASTER_KEY, SPEC_KEY, build_model, deployed_state,
 EVAL_KEYS = (
     "return", "slo_violation_rate", "shield_interventions", "p95_ms", "p99_ms", "mean_latency_ms",
     "throughput_rps", "energy_j_per_request", "cost_per_1k_usd", "gpu_util", "cpu_util", "fragmentation",
-    "fulfillment_rate", "mean_power_w", "served", "cloud_share", "control_cpu_us",
+    "fulfillment_rate", "mean_power_w", "served", "cloud_share", "control_cpu_us", "fairness_variance", "jain_fairness",
+    "satisfaction", "min_region_fulfillment",
     # paper 001's control hierarchy (task.control.enabled): COA figures of edgesim.control
     "coa_return", "coa_decisions", "control_clips", "coa_migrations",
 )  # fmt: skip
@@ -89,7 +90,7 @@ class RLServer(ServerTask):
     def deployed_agents(self, global_state: dict) -> dict[int, Any]:
         """Every client's agent as that site would run it now."""
         agents = {}
-        for client in range(self.spec.num_clients):
+        for client in range(self.spec.agent_sites):  # C-ML: the one model on every site it learnt from
             model = build_model(self.spec, client)
             model.load_state_dict(deployed_state(self.spec, global_state, self.client_models.get(client)))
             agents[client] = model.eval()
@@ -127,7 +128,8 @@ class RLServer(ServerTask):
             [row.get("eval_return", np.nan) for row in history]))}
         if self.cfg.task.final_study:  # fault scenarios and baselines on the held-out seeds
             started = time.perf_counter()
-            tracker.log_metrics(final_study(self.spec, self.deployed_agents(final.to_torch_state_dict())),
+            tracker.log_metrics(final_study(self.spec, self.deployed_agents(final.to_torch_state_dict()),
+                                            baselines=bool(self.cfg.task.get("final_baselines", True))),
                                 step=int(self.cfg.num_rounds))
             extra["final_study_s"] = time.perf_counter() - started
         return extra

@@ -20,6 +20,8 @@ from edgesim import Scenario
 from edgesim.faults import rescale_faults
 from edgesim.scenario import CONF_DIR, PROJECT_DIR
 
+from .density import density_overrides, is_density
+
 PAPER_EPISODE_S = 21_600.0  # paper 001 §5.3: six simulated hours
 # Paper 000 Table 3 fault scenarios, by name. Times are fractions of the
 # episode so that a short episode keeps the paper's proportions: a 30-minute
@@ -85,6 +87,14 @@ class RLSpec:
         Held-out twin seeds of the server's evaluation episodes.
     hidden : int
         Width of the two hidden layers of every MLP.
+    centralised : bool
+        C-ML (paper 000): one learner (the run's single client) pools the
+        experience of ``sites`` edge sites into each update; the server
+        deploys that one model on all of them. PPO only.
+    sites : int
+        Edge sites the centralised learner trains on and drives (0: ``num_clients``).
+    edge_only : bool
+        E-ML (paper 000): the agents' actions never offload to the cloud.
     twin : str, optional
         The run's composed ``twin`` config (JSON, the ``conf/twin/`` group with
         its ``twin.*`` overrides); None: ``conf/twin/<scenario>.yaml`` as it is.
@@ -118,6 +128,9 @@ class RLSpec:
     background: str = "heuristic"
     eval_seeds: tuple[int, ...] = (10_000, 10_001)
     hidden: int = 64
+    centralised: bool = False
+    sites: int = 0
+    edge_only: bool = False
     hyper: dict[str, float] = field(default_factory=dict)
     trace_dir: str | None = None
     devices: str | None = None
@@ -149,6 +162,9 @@ class RLSpec:
             background=str(task.background),
             eval_seeds=tuple(int(s) for s in task.eval_seeds),
             hidden=int(task.hidden),
+            centralised=bool(task.get("centralised", False)),
+            sites=int(task.get("sites", 0) or 0),
+            edge_only=bool(task.get("edge_only", False)),
             hyper={k: float(v) for k, v in OmegaConf.to_container(task.hyper, resolve=True).items()},
             trace_dir=str(task.trace_dir) if task.trace_dir else None,
             devices=json.dumps(OmegaConf.to_container(cfg.devices, resolve=True), sort_keys=True),
@@ -163,6 +179,11 @@ class RLSpec:
         raw = json.loads(text)
         raw["eval_seeds"] = tuple(raw["eval_seeds"])
         return cls(**raw)
+
+    @property
+    def agent_sites(self) -> int:
+        """Sites driven by learned agents: every client's, or the centralised learner's ``sites``."""
+        return (self.sites or self.num_clients) if self.centralised else self.num_clients
 
     @property
     def horizon(self) -> int:
@@ -215,7 +236,9 @@ def scenario_overrides(name: str, episode_s: float, faults: str, shield: bool,
         folder = Path(trace_dir or workload.get("trace_dir") or "")
         folder = folder if folder.is_absolute() else PROJECT_DIR / folder
         overrides["workload"] = {"trace_dir": str(folder)} if folder.is_dir() else {"source": "synthetic"}
-    if faults == "default":
+    if is_density(faults):
+        overrides.update(density_overrides(faults, raw))
+    elif faults == "default":
         overrides["faults"] = rescale_faults(raw.get("faults") or [], episode_s / float(raw.get("episode_s", episode_s)))
     else:
         overrides["faults"] = fault_list(faults, episode_s, float(raw.get("step_s", 1.0)))
@@ -224,6 +247,27 @@ def scenario_overrides(name: str, episode_s: float, faults: str, shield: bool,
     if devices is not None:
         overrides["devices"] = json.loads(devices)
     return overrides
+
+
+def site_node(scenario: Scenario, site: int) -> int:
+    """The edge node of PPO site ``site``: node ``site``, or in a regions twin the sites
+    dealt round-robin over the regions (site 0 = region 0's first node, site 1 = region 1's,
+    ...), so that a few sites cover every region at any density."""
+    if scenario.regions is None:
+        return site
+    sizes = np.diff(np.append(scenario.nodes.cluster_start, scenario.num_nodes))
+    order = [start + rank for rank in range(int(sizes.max()))
+             for start, size in zip(scenario.nodes.cluster_start, sizes) if rank < size]
+    if not 0 <= site < len(order):
+        raise ValueError(f"site {site} is not an edge site: the twin has {len(order)} nodes")
+    return int(order[site])
+
+
+def edge_only_menu(menu: np.ndarray) -> np.ndarray:
+    """The discrete menu with every cloud share removed (E-ML: what went to the cloud stays local)."""
+    menu = menu.copy()
+    menu[:, 3] = -1.0  # env encoding: weight (x + 1) / 2 = 0; an all-zero placement means local
+    return menu
 
 
 def fault_list(name: str, episode_s: float, step_s: float) -> list[dict[str, Any]]:

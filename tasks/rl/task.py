@@ -49,6 +49,7 @@ class RLTask(Task):
     # ------------------------------------------------------------ config
     def validate(self, cfg: DictConfig) -> None:
         from edgesim import EdgeSimError
+        from tasks.rl.density import DENSITY_SCENARIOS
         from tasks.rl.spec import FAULT_SCENARIOS, build_scenario, check_forecaster_name, check_hyper
 
         task = cfg.task
@@ -62,8 +63,16 @@ class RLTask(Task):
         _check(task.algo == "ppo" or "personal_head" not in task,
                f"task.personal_head=true (+arm=ph) needs task=ppo; task={task.name} keeps its mixer local "
                "instead (task.local_mixer)")
-        _check(task.faults == "default" or task.faults in FAULT_SCENARIOS,
-               f"task.faults={task.faults} is unknown: use default or one of {', '.join(FAULT_SCENARIOS)}")
+        scenarios = [*FAULT_SCENARIOS, *DENSITY_SCENARIOS]
+        _check(task.faults == "default" or task.faults in scenarios,
+               f"task.faults={task.faults} is unknown: use default or one of {', '.join(scenarios)}")
+        _check(not task.get("centralised", False) or (task.algo == "ppo" and cfg.clients.num == 1),
+               f"task.centralised=true (+arm=cml) is one centralised PPO learner: use task=ppo clients.num=1 "
+               f"(got task={task.name} clients.num={cfg.clients.num}) and task.sites=<sites it learns from>")
+        _check(not task.get("edge_only", False) or task.algo == "ppo",
+               f"task.edge_only=true (+arm=eml) needs task=ppo; task={task.name}'s cluster agents have no edge-only menu")
+        _check(isinstance(task.get("sites", 0), int) and task.get("sites", 0) >= 0,
+               f"task.sites={task.get('sites')} is invalid: use 0 (= clients.num) or the number of sites")
         _check(task.background in BACKGROUNDS,
                f"task.background={task.background} is unknown: use {' or '.join(BACKGROUNDS)}")
         for key in ("steps_per_round", "hidden"):
@@ -87,6 +96,8 @@ class RLTask(Task):
         what = "edge nodes (one site per client)" if task.algo == "ppo" else "edge clusters (one cluster per client)"
         _check(cfg.clients.num <= units,
                f"clients.num={cfg.clients.num} is too many for task={task.name}: twin {cfg.twin.name} has {units} {what}")
+        _check(spec.agent_sites <= units,
+               f"task.sites={spec.sites} is too many: twin {cfg.twin.name} has {units} edge nodes")
 
     def tags(self, cfg: DictConfig) -> dict[str, str]:
         task = cfg.task
@@ -125,7 +136,11 @@ class RLTask(Task):
         spec = _spec(run.config)
         model = build_model(spec, run.partition_id)
         model.load_state_dict(deployed_state(spec, arrays.to_torch_state_dict(), _local_state(run)))
-        if spec.algo == "ppo":
+        if spec.centralised:  # C-ML: the one learner pools every site's experience
+            envs = [ppo.make_site_env(spec, site) for site in range(spec.agent_sites)]
+            metrics = ppo.train_ppo_pooled(model, envs, spec.steps_per_round, ppo.PPOHyper.from_dict(spec.hyper),
+                                           run.seed)
+        elif spec.algo == "ppo":
             env = ppo.make_site_env(spec, run.partition_id)
             metrics = ppo.train_ppo(model, env, spec.steps_per_round, ppo.PPOHyper.from_dict(spec.hyper), run.seed)
         else:
@@ -136,7 +151,7 @@ class RLTask(Task):
         metrics = {k: v for k, v in metrics.items() if v == v}  # no NaN (e.g. no TD update yet) into MLflow
         return LocalUpdate(
             arrays=ArrayRecord(model.state_dict()),
-            num_examples=spec.steps_per_round,  # FedAvg weighs clients by environment steps
+            num_examples=spec.steps_per_round,  # FedAvg weighs clients by environment steps (one C-ML client: moot)
             train_flops=train_flops(spec, model),
             metrics=metrics,
         )
@@ -156,7 +171,13 @@ class RLTask(Task):
 def rl_arm(cfg: DictConfig) -> str:
     """Short name of the study arm: mafl / marl, plus the ablations that differ from the default."""
     task = cfg.task
+    if task.get("centralised", False):
+        return "cml"
+    if task.get("edge_only", False):
+        return "eml" if not task.federated else "mafl-edge"
     parts = ["mafl" if task.federated else "marl"]
+    if float((cfg.get("twin") or {}).get("fairness", {}).get("lambda", 0.0)) > 0:
+        parts.append("fair")
     if task.algo == "qmix" and task.mixer == "vdn":
         parts.append("vdn")
     if task.algo == "ppo" and task.personal_head:
@@ -235,7 +256,7 @@ def train_flops(spec: RLSpec, model: torch.nn.Module) -> float:
     """
     from tasks.rl import ppo, qmix
 
-    steps = spec.steps_per_round
+    steps = spec.steps_per_round * (spec.agent_sites if spec.centralised else 1)
     if spec.algo == "ppo":
         hyper = ppo.PPOHyper.from_dict(spec.hyper)
         obs = model.actor.trunk[0].in_features

@@ -149,7 +149,7 @@ def test_missing_trace_dir_names_the_fix(tmp_path):
 
 
 def test_unknown_config_name_lists_the_options():
-    with pytest.raises(EdgeSimError, match=r"use one of \['bitbrains', 'synthetic'\]"):
+    with pytest.raises(EdgeSimError, match=r"use one of \['bitbrains', 'regions', 'synthetic'\]"):
         load_scenario("nope")
     with pytest.raises(EdgeSimError, match="twin.devices='nope'"):
         Scenario.from_dict(tiny_config(devices="nope"))

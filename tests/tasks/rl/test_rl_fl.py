@@ -103,15 +103,51 @@ def test_an_interrupted_rl_run_resumes_from_its_last_checkpoint(tracking_uri, tm
         (["task=ppo", "+arm=vdn"], r"task.mixer=vdn \(\+arm=vdn\) needs task=qmix"),
         (["task=qmix", "clients.num=3", "+arm=ph"], r"task.personal_head=true \(\+arm=ph\) needs task=ppo"),
         (["task=ppo", "+arm=nofl"],
-         r"unknown arm 'nofl': choose one of costcap, ctl, hybrid, mafl, marl, nofc, noprice, noshield, ph, vdn"),
+         r"unknown arm 'nofl': choose one of cml, costcap, ctl, eml, fair, hybrid, mafl, marl, nofc, noprice, noshield, ph, vdn"),
         (["task=ppo", "+arm=ctl", "task.control.coa_every=0"], r"task.control.coa_every=0 is invalid: the COA cadence"),
         (["task=ppo", "+arm=ctl", "task.control.mode=turbo"], r"task.control.mode=turbo is unknown"),
         (["task=qmix", "clients.num=3", "task.control.price_weight=-0.5"], r"task.control.price_weight=-0.5 is invalid"),
+        (["task=ppo", "clients.num=4", "+arm=cml"], r"task.centralised=true \(\+arm=cml\) is one centralised PPO learner: "
+                                                    r"use task=ppo clients.num=1"),
+        (["task=qmix", "clients.num=3", "+arm=eml"], r"task.edge_only=true \(\+arm=eml\) needs task=ppo"),
+        (["task=ppo", "task.faults=density20"], r"task.faults=density20 changes the edge-node density .* needs twin=regions"),
+        (["task=ppo", "twin=regions", "twin.fairness.lambda=2"], r"twin.fairness.lambda=2 is outside \[0, 1\]"),
+        (["task=ppo", "twin=regions", "twin.fairness.omega=sine"], r"twin.fairness.omega='sine' is an unknown Omega"),
+        (["task=ppo", "twin=regions", "twin.regions.density=0"], r"twin.regions.density=0 deploys no edge node"),
     ],
 )
 def test_bad_rl_config_is_one_clear_error(overrides, match):
     with pytest.raises(ConfigError, match=match):
         compose_config(overrides)
+
+
+def test_regions_sites_are_dealt_round_robin_over_the_regions():
+    from edgesim import load_scenario
+    from tasks.rl.spec import site_node
+
+    # regions of 5, 5, 5, 3, 3, 3, 2, 2, 2 nodes start at 0, 5, 10, 15, 18, 21, 24, 26, 28
+    scenario = load_scenario("regions", {"episode_s": 60, "faults": [], "workload": {"source": "synthetic"}})
+    assert [site_node(scenario, k) for k in range(11)] == [0, 5, 10, 15, 18, 21, 24, 26, 28, 1, 6]
+    assert site_node(load_scenario("synthetic"), 3) == 3  # other twins: site k is node k
+
+
+def test_centralised_learner_on_the_regions_twin_is_one_model_on_every_site(tracking_uri, tmp_path):
+    # Prepare: C-ML, one client pooling 3 sites (regions A, B, C), fairness on (lambda 1, spread)
+    cfg = compose_config(["task=ppo", "twin=regions", "clients.num=1", "clients.min_train=1", "task.sites=3",
+                          "+arm=cml", "twin.fairness.lambda=1.0", "twin.fairness.omega=spread", *TINY,
+                          "num_rounds=1", f"checkpoint.dir={tmp_path}"])
+    grid, _ = persistent_clients(1)
+    # Execute
+    run_experiment(grid, cfg, tracking_uri)
+    # Assert: FedAvg (the arm's default strategy), 3 sites x 128 steps in the one update, Table 4 scored
+    client, run = only_run(tracking_uri)
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "cml" and run.data.tags["strategy"] == "fedavg"
+    assert metrics["train_episodes"] == 6  # 3 sites x 128 steps of 60-step episodes: 2 whole episodes each
+    for name in ("density10", "density50", "node20", "outage60"):
+        assert 0.0 <= metrics[f"fault_{name}_completion"] <= 1.0
+        assert f"baseline_mpc_fault_{name}_completion" in metrics
+    assert 0.0 <= metrics["eval_fairness_variance"] <= 0.25 and 0.0 <= metrics["eval_satisfaction"] <= 1.0
 
 
 # ----------------------------------------------------------- real Flower runs
