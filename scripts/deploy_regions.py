@@ -47,6 +47,11 @@ from fl_server.runtime.superlink import FLWR_STATE_DIR, SuperLinkError, unwind_o
 
 # What a regional deployment does not compose with, and why (each refused with its fix).
 _REFUSED = (
+    # the other tasks' servers keep per-client state (personal heads, uploads, twin sites) keyed by partition,
+    # which the global tier's clients (one per region) do not have: not built, so refused
+    (lambda c: c.task.kind != "image",
+     "task kind {v} is not built for a regional deployment: use an image task (task=mnist or task=breastmnist)",
+     lambda c: c.task.kind),
     (lambda c: c.topology.name != "flat",
      "topology={v} is simulated inside one ServerApp; here the regions are real SuperLinks: leave topology at flat",
      lambda c: c.topology.name),

@@ -75,6 +75,8 @@ def test_what_a_deployment_does_not_compose_with_is_refused_one_line_each():
         "set clients.min_train<=2",
     ]
     check_deployable(compose_config(["clients.num=4"]), layout)  # the default job is deployable
+    with pytest.raises(ConfigError, match="task kind forecast is not built for a regional deployment"):
+        check_deployable(compose_config(["clients.num=4", "task=workload"]), layout)
 
 
 def test_the_simulation_to_compare_has_one_cluster_per_region():
@@ -125,11 +127,12 @@ def test_a_taken_port_is_a_clear_error_and_nothing_is_left():
 # ------------------------------------------------------ a real deployment
 @pytest.mark.e2e
 def test_two_regions_give_the_example_weighted_mean_of_their_models_and_leave_no_process(tmp_path):
-    # Prepare: 2 regions x 2 clients, FedAvg at both tiers, 2 global rounds
+    # Prepare: 2 regions x 2 clients, FedAvg at both tiers, 2 global rounds; Dirichlet partitions,
+    # so the regions hold different numbers of examples and a plain mean would differ from the weighted one
     marker, uri, handoff = uuid.uuid4().hex, sqlite_uri(tmp_path), tmp_path / "handoff"
     # Execute
     result = run_module("scripts.deploy_regions", "--regions", "2", "--clients-per-region", "2",
-                        "--handoff-dir", str(handoff), "num_rounds=2",
+                        "--handoff-dir", str(handoff), "num_rounds=2", "partition=dirichlet",
                         env={"MLFLOW_TRACKING_URI": uri, MARKER_ENV: marker}, timeout=1200)
     out = result.stdout + result.stderr
     # Assert: it ran, and nothing it started (SuperLinks, SuperNodes, ServerApps, ClientApps, `flwr run`) is left
@@ -157,7 +160,7 @@ def test_two_regions_give_the_example_weighted_mean_of_their_models_and_leave_no
     def weighted_mean(server_round: int) -> dict[str, np.ndarray]:
         handed = [contract.read_handoff(contract.regional_model_folder(handoff, server_round, r)) for r in (0, 1)]
         counts = [h.num_examples for h in handed]
-        assert all(n > 0 for n in counts)
+        assert all(n > 0 for n in counts) and counts[0] != counts[1]
         return {key: sum(n * h.arrays[key].numpy().astype(np.float64) for n, h in zip(counts, handed)) / sum(counts)
                 for key in handed[0].arrays.keys()}
 
