@@ -11,11 +11,13 @@ import json
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array
 from mlflow.tracking import MlflowClient
 
 from fl_common import regions as contract
@@ -174,3 +176,33 @@ def test_two_regions_give_the_example_weighted_mean_of_their_models_and_leave_no
     final = torch.load(client.download_artifacts(gid, "model/final_state_dict.pt", str(tmp_path)), weights_only=True)
     for key, value in weighted_mean(2).items():
         np.testing.assert_allclose(final[key].numpy(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_an_aggregator_whose_region_fails_says_which_region_round_and_log(tmp_path):
+    # Prepare: a real regional aggregator ClientApp call whose region has no SuperLink and no app:
+    # the real `flwr run` fails at once and writes no regional model
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from fl_clients.regional import train_region
+    from fl_common import protocol
+    from tests.fake_grid import ensure_task_identity
+
+    ensure_task_identity()  # a real ClientApp process gets it from its SuperNode
+    handoff = tmp_path / "handoff"
+    context = Context(run_id=1, node_id=7, state=RecordDict(),
+                      node_config={"partition-id": 1, "num-partitions": 2,
+                                   contract.NODE_REGION_HOME: str(tmp_path / "no-superlink"),
+                                   contract.NODE_APP_DIR: str(tmp_path / "no-app")},
+                      run_config={"overrides": "num_rounds=1", "tier": "global", "regions": "2",
+                                  "clients-per-region": "2", "handoff-dir": str(handoff)})
+    weights = ArrayRecord(OrderedDict([("w", Array(np.array([1.0, 2.0], dtype=np.float32)))]))
+    msg = Message(content=RecordDict({"arrays": weights, "config": ConfigRecord({protocol.SERVER_ROUND: 3})}),
+                  dst_node_id=7, message_type=MessageType.TRAIN)
+    # Execute / Assert
+    log = handoff / "round-003" / "region-1" / "flwr-run.log"
+    with pytest.raises(RuntimeError, match=f"region 1's run for round 3 .* returned no model: .*its log: {log}"):
+        train_region(msg, context)
+    # the global model was handed over before the run, and the run's timings were kept
+    handed = contract.read_handoff(contract.global_model_folder(handoff, 3, 1))
+    assert handed.arrays["w"].numpy().tolist() == [1.0, 2.0]
+    assert json.loads((handoff / "round-003" / "region-1" / "run.json").read_text())["flower_run_id"] is None
