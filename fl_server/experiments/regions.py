@@ -141,10 +141,10 @@ class TierPlan:
     def round_report(self, server_round: int) -> tuple[dict[str, float], str]:
         """The global tier, after round ``server_round``: per region its run's
         wall time, start-up and examples (metrics), and the runs' ids (JSON)."""
+        if self.is_region:
+            return {}, ""
         metrics: dict[str, float] = {}
         runs = []
-        if self.is_region:
-            return metrics, ""
         for region in range(self.layout.regions):
             folder = contract.round_folder(self.handoff_dir, server_round, region)
             try:

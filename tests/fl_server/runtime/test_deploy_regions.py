@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 from mlflow.tracking import MlflowClient
 
 from fl_common import regions as contract
@@ -108,6 +108,25 @@ def test_tier_run_config_is_read_and_checked():
             TierPlan.from_run_config(run_config)
 
 
+def test_the_global_tier_reports_each_regions_run_from_the_handoff(tmp_path):
+    # Prepare: region 0's run was submitted at t=100 s, its ServerApp started at 130, its clients had all
+    # answered at 170, it returned at 250; region 1 failed this round (nothing handed back)
+    plan = TierPlan.from_run_config({"tier": "global", "regions": "2", "clients-per-region": "2",
+                                     "handoff-dir": str(tmp_path)})
+    contract.write_json(contract.round_folder(tmp_path, 1, 0) / "run.json",
+                        {"flower_run_id": 42, "submitted_at": 100.0, "returned_at": 250.0})
+    weights = ArrayRecord(OrderedDict([("w", Array(np.zeros(1, dtype=np.float32)))]))
+    contract.write_handoff(contract.regional_model_folder(tmp_path, 1, 0), weights, 1900, mlflow_run_id="abc",
+                           serverapp_main_at=130.0, nodes_discovered_at=170.0)
+    # Execute
+    metrics, runs = plan.round_report(1)
+    # Assert: 250 - 100, 130 - 100, 170 - 100; region 1 is absent
+    assert metrics == {"region0_run_wall_s": 150.0, "region0_serverapp_start_s": 30.0,
+                       "region0_run_startup_s": 70.0, "region0_examples": 1900.0}
+    assert json.loads(runs) == {"round": 1, "regional_runs": [
+        {"region": 0, "mlflow_run_id": "abc", "flower_run_id": 42, "wall_s": 150.0, "num_examples": 1900}]}
+
+
 def test_bad_input_exits_2_before_anything_starts():
     result = run_module("scripts.deploy_regions", "--regions", "0", timeout=120)
     assert result.returncode == 2 and "--regions 0 is invalid: use an integer >= 1" in result.stdout
@@ -181,7 +200,7 @@ def test_two_regions_give_the_example_weighted_mean_of_their_models_and_leave_no
 def test_an_aggregator_whose_region_fails_says_which_region_round_and_log(tmp_path):
     # Prepare: a real regional aggregator ClientApp call whose region has no SuperLink and no app:
     # the real `flwr run` fails at once and writes no regional model
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
     from fl_clients.regional import train_region
     from fl_common import protocol
