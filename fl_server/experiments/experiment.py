@@ -216,7 +216,7 @@ def _run_tracked(
     attach_topology(driver)  # a hierarchy keeps the virtual time of its tiers
     if tier is None:
         final_arrays = checkpoints.run(driver, server.initial_arrays(), int(cfg.num_rounds))
-    else:  # a regional run: only its global round, from the model handed over
+    else:  # a regional deployment: a regional run plays only its global round, from the model handed over
         final_arrays = tier.run(driver, checkpoints, server.initial_arrays(), int(cfg.num_rounds))
 
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
