@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # Ray and SuperLink timeouts, so two of them overlap well on CI's 2 cores
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test install sweep bench deploy-local mlflow-ui clean
+.PHONY: run test install sweep bench deploy-local deploy-regions mlflow-ui clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: install
 # make deploy-local ARGS="--supernodes 3 num_rounds=3 [--compare-simulation]"
 deploy-local: install
 	$(PY) -m scripts.deploy_local $(ARGS)
+
+# a regional tier as its own SuperLink + ServerApp: a global SuperLink with one aggregator
+# SuperNode per region, per region a SuperLink with its clients (README, "Hierarchical aggregation"), e.g.
+# make deploy-regions ARGS="--regions 2 --clients-per-region 2 num_rounds=2 [--compare-simulation]"
+deploy-regions: install
+	$(PY) -m scripts.deploy_regions $(ARGS)
 
 mlflow-ui: install
 	$(PY) -m fl_server.experiments.mlflow_ui $(ARGS)

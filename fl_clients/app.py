@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from edgesim.devices import Fleet, round_cost
-from fl_clients import privacy
+from fl_clients import privacy, regional
 from fl_clients.privacy import central_clipping_mod
 from fl_clients.secagg import secagg_mod
 from fl_common import compression, faults, protocol
@@ -61,6 +61,8 @@ def client_round(config: ConfigRecord, context: Context) -> ClientRound:
 @app.train(mods=[secagg_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local training of the configured task on this client's partition."""
+    if regional.is_aggregator(context):  # a regional deployment's global tier: run the region instead
+        return regional.train_region(msg, context)
     config = msg.content["config"]
     task = get_task(str(config[protocol.TASK]))
     run = client_round(config, context)

@@ -8,6 +8,9 @@ Run-config keys (see ``[tool.flwr.app.config]`` in pyproject.toml):
 ``tracking-uri``   MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or
                    the project's ``mlruns/mlflow.db``).
 ``parent-run-id``  MLflow parent run (set by sweeps).
+``tier``, ``regions``, ``clients-per-region``, ``region``, ``global-round``, ``handoff-dir``
+                   A regional deployment (``scripts/deploy_regions.py``,
+                   :mod:`fl_common.regions`); "" everywhere for a flat run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server.experiments import progress
 from fl_server.experiments.config import compose_config
 from fl_server.experiments.experiment import run_experiment
+from fl_server.experiments.regions import TierPlan
 from fl_server.experiments.tracking import default_tracking_uri
 
 app = ServerApp()
@@ -40,4 +44,5 @@ def main(grid: Grid, context: Context) -> None:
         cfg,
         tracking_uri=str(run_config.get("tracking-uri", "")) or default_tracking_uri(),
         parent_run_id=str(run_config.get("parent-run-id", "")) or None,
+        tier=TierPlan.from_run_config(run_config),
     )

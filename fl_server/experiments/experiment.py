@@ -37,6 +37,7 @@ from fl_server.engine.virtual_clock import VirtualClock
 from fl_server.experiments import progress
 from fl_server.experiments.config import default_run_name, flatten
 from fl_server.experiments.profiling import RunProfile
+from fl_server.experiments.regions import TierPlan
 from fl_server.experiments.topology import arrange_strategy, attach_topology, topology_tags
 from fl_server.experiments.tracking import RunTracker
 from strategies import build_strategy
@@ -76,9 +77,14 @@ def train_config(cfg: DictConfig, server: ServerTask | None = None) -> ConfigRec
     return ConfigRecord({**server.train_config(), **engine_config(cfg, server)})
 
 
-def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id: str | None = None) -> dict[str, float]:
-    """Run the configured experiment on ``grid``; returns the final metrics."""
+def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id: str | None = None,
+                   tier: TierPlan | None = None) -> dict[str, float]:
+    """Run the configured experiment on ``grid``; returns the final metrics.
+
+    ``tier``: this run's place in a regional deployment (None: a flat run, the default)."""
     run_name = default_run_name(cfg)
+    if tier is not None:
+        tier.check(cfg)
 
     def announce(run_id: str, experiment_id: str) -> None:
         progress.emit("start", run_name=run_name, mlflow_run_id=run_id,
@@ -87,9 +93,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
     checkpoints = RunCheckpoints(cfg)  # raises CheckpointError for a bad checkpoint.resume
     tracker = RunTracker(
         tracking_uri,
-        experiment=str(cfg.tracking.experiment),
+        experiment=str(cfg.tracking.experiment) if tier is None else tier.experiment(cfg),
         run_name=run_name,
-        tags=run_tags(cfg),
+        tags={**run_tags(cfg), **(tier.tags() if tier else {})},
         parent_run_id=parent_run_id,
         on_created=announce,
         # MLflow's set-up waits until round 1 is dispatched: before that it
@@ -99,7 +105,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, tracking_uri: str, parent_run_id
     )
     profile = RunProfile(bool(cfg.tracking.get("profile", False)))  # tracking.profile: cProfile this thread
     try:
-        return _run_tracked(grid, cfg, tracker, run_name, checkpoints, profile)
+        return _run_tracked(grid, cfg, tracker, run_name, checkpoints, profile, tier)
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"
         progress.emit("failed", reason=reason)
@@ -158,6 +164,7 @@ def checkpoint_then_log(
 
 def _run_tracked(
     grid: Grid, cfg: DictConfig, tracker: RunTracker, run_name: str, checkpoints: RunCheckpoints, profile: RunProfile,
+    tier: TierPlan | None = None,
 ) -> dict[str, float]:
     started = time.perf_counter()
     history = start_tracking(cfg, tracker, checkpoints)
@@ -167,6 +174,8 @@ def _run_tracked(
     fleet, devices = _fleet(cfg, server)
     tracker.log_text("client,device\n" + "".join(f"{i},{d}\n" for i, d in enumerate(devices)),
                      "data/client_devices.csv")
+    if tier is not None:
+        grid = tier.wrap_grid(grid)  # a regional run counts its examples for the tier above
     wire = protection.accounting_grid(grid, cfg)  # bytes per round; compression if configured
     driver_grid = UploadCollector(wire, server.receive_uploads) if server.receives_uploads else wire
     if server.needs_client_models:  # outside the accounting grid: it sees decoded models
@@ -181,6 +190,11 @@ def _run_tracked(
         metrics = {**limit_per_client(metrics, keep), "elapsed_wall_time_s": time.perf_counter() - started}
         if server_round > 0:
             metrics.update(wire.take_round_counts())
+        if tier is not None and server_round > 0:
+            regional, runs = tier.round_report(server_round)  # the global tier: its regions' runs
+            metrics.update(regional)
+            if runs:
+                tracker.log_text(runs, f"regional_runs/round_{server_round:03d}.json")
         checkpoint_then_log(tracker, checkpoints, driver, history, server_round, metrics)
         if server_round > 0:
             server.after_round(server_round, driver.arrays, tracker)
@@ -195,11 +209,15 @@ def _run_tracked(
         train_config=train_config(cfg, server),
         evaluate_fn=server.evaluate,
         on_round=on_round,
-        **driver_settings(cfg, tracker, server.num_clients, FleetAvailability(fleet, devices, int(cfg.seed))),
+        **driver_settings(cfg, tracker, server.num_clients if tier is None else tier.num_nodes(),
+                          FleetAvailability(fleet, devices, int(cfg.seed))),
         **driver_extra,
     )
     attach_topology(driver)  # a hierarchy keeps the virtual time of its tiers
-    final_arrays = checkpoints.run(driver, server.initial_arrays(), int(cfg.num_rounds))
+    if tier is None:
+        final_arrays = checkpoints.run(driver, server.initial_arrays(), int(cfg.num_rounds))
+    else:  # a regional deployment: a regional run plays only its global round, from the model handed over
+        final_arrays = tier.run(driver, checkpoints, server.initial_arrays(), int(cfg.num_rounds))
 
     tracker.log_text(_history_csv(history), "metrics/rounds.csv")
     if cfg.tracking.log_model:
@@ -211,6 +229,8 @@ def _run_tracked(
     profile.log(tracker)
     tracker.finish()
     progress.mark("tracking_finished")
+    if tier is not None:
+        tier.hand_back(final_arrays, grid, tracker.run_id, {**progress.timeline(), **driver.marks})
     for name, at in driver.marks.items():
         progress.mark(name, at)
     progress.emit("timeline", **progress.timeline())

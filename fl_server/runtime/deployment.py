@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fl_datasets.federated import CACHE_ENV
@@ -29,6 +30,7 @@ from fl_server.runtime.superlink import (
     LocalSuperLink,
     SuperLinkError,
     _free_port,
+    descendant_groups,
     flower_env,
     venv_bin,
 )
@@ -43,12 +45,17 @@ class LocalSuperNode:
         A running Deployment Engine SuperLink (``simulation=False``).
     partition_id, num_partitions : int
         Its node config: the partition this node trains on.
+    extra_config : dict, optional
+        More node-config keys (strings), e.g. a regional aggregator's
+        (:mod:`fl_common.regions`).
     """
 
-    def __init__(self, superlink: LocalSuperLink, partition_id: int, num_partitions: int) -> None:
+    def __init__(self, superlink: LocalSuperLink, partition_id: int, num_partitions: int,
+                 extra_config: dict[str, str] | None = None) -> None:
         self.superlink = superlink
         self.partition_id = partition_id
         self.num_partitions = num_partitions
+        self.extra_config = dict(extra_config or {})
         self.home = superlink.home / f"supernode-{partition_id}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -58,7 +65,8 @@ class LocalSuperNode:
 
     @property
     def node_config(self) -> str:
-        return f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
+        extra = "".join(f' {key}="{value}"' for key, value in self.extra_config.items())  # TOML strings
+        return f"partition-id={self.partition_id} num-partitions={self.num_partitions}{extra}"
 
     def command(self) -> list[str]:
         """The ``flower-supernode`` command line."""
@@ -79,7 +87,7 @@ class LocalSuperNode:
         """Start the SuperNode in its own process group."""
         self.home.mkdir(parents=True, exist_ok=True)
         # Same data cache as the SuperLink: on one machine the split is built once.
-        env = flower_env(self.home, {CACHE_ENV: str(self.superlink.cache_dir)})
+        env = flower_env(self.home, {CACHE_ENV: self.superlink.env[CACHE_ENV]})
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(
                 self.command(),
@@ -102,6 +110,9 @@ class LocalSuperNode:
         """Stop the node and its ClientApp processes (by our PID's group)."""
         if self.process is None:
             return
+        # its SuperExec may run in a session of its own (and a regional aggregator's
+        # ClientApp its `flwr run`): note those groups while their parent still lives
+        child_groups = descendant_groups(self.process.pid)
         if self.process.poll() is None:
             self._signal(signal.SIGTERM)  # lets it deactivate itself at the SuperLink
             try:
@@ -110,6 +121,11 @@ class LocalSuperNode:
                 self._signal(signal.SIGKILL)
                 self.process.wait(timeout=timeout_s)
         self._signal(signal.SIGKILL)  # anything left in its group
+        for group in child_groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.process = None
 
     def _signal(self, signum: int) -> None:
@@ -137,6 +153,15 @@ class LocalFederation:
         Extra environment for the SuperLink (e.g. ``MLFLOW_TRACKING_URI``).
     connect_timeout_s : float
         How long to wait for every SuperNode to be online.
+    partitions : sequence of int, optional
+        The nodes' partition ids (default ``0 .. num_supernodes - 1``), out of
+        ``num_partitions`` (default ``num_supernodes``): a region's clients
+        hold a block of the global partitions.
+    node_config : dict or callable, optional
+        More node-config keys for every node (``LocalSuperNode.extra_config``),
+        or ``partition id -> keys`` where they differ per node.
+    port : int, optional
+        The SuperLink's port (default: a free one).
     """
 
     def __init__(
@@ -145,9 +170,17 @@ class LocalFederation:
         tls: bool = True,
         env: dict[str, str] | None = None,
         connect_timeout_s: float = 120.0,
+        *,
+        partitions: Sequence[int] | None = None,
+        num_partitions: int | None = None,
+        node_config: dict[str, str] | Callable[[int], dict[str, str]] | None = None,
+        port: int | None = None,
     ) -> None:
-        self.superlink = LocalSuperLink(env, simulation=False, tls=tls)
+        self.superlink = LocalSuperLink(env, simulation=False, tls=tls, port=port)
         self.num_supernodes = num_supernodes
+        self.partitions = list(range(num_supernodes) if partitions is None else partitions)
+        self.num_partitions = num_supernodes if num_partitions is None else num_partitions
+        self.node_config = node_config or {}
         self.connect_timeout_s = connect_timeout_s
         self.supernodes: list[LocalSuperNode] = []
 
@@ -158,14 +191,20 @@ class LocalFederation:
 
     def start(self) -> "LocalFederation":
         """Start the SuperLink (if not yet) and the SuperNodes; wait until all are online."""
+        self.spawn_supernodes()
+        self.wait_for_supernodes()
+        return self
+
+    def spawn_supernodes(self) -> "LocalFederation":
+        """Start the SuperLink (if not yet) and the SuperNodes, without waiting for them."""
         if self.superlink.process is None:
             self.superlink.spawn()
         self.superlink.wait_until_ready()
         self.supernodes = [
-            LocalSuperNode(self.superlink, i, self.num_supernodes).spawn()
-            for i in range(self.num_supernodes)
+            LocalSuperNode(self.superlink, i, self.num_partitions,
+                           self.node_config(i) if callable(self.node_config) else self.node_config).spawn()
+            for i in self.partitions
         ]
-        self.wait_for_supernodes()
         return self
 
     def online_node_count(self) -> int:

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fl_common.regions import run_config_args
 from fl_server.experiments import progress
 from fl_server.experiments.config import (
     PROJECT_DIR,
@@ -132,21 +133,23 @@ def federation_config(cfg: DictConfig) -> str:
     )
 
 
-def run_config(overrides: list[str], tracking_uri: str, parent_run_id: str | None) -> list[str]:
-    """``--run-config`` arguments; one per key so values may contain spaces."""
+def run_config(overrides: list[str], tracking_uri: str, parent_run_id: str | None,
+               extra: dict[str, str] | None = None) -> list[str]:
+    """``--run-config`` arguments; one per key so values may contain spaces.
+
+    ``extra``: more run-config keys (a regional deployment's tier, see
+    :mod:`fl_common.regions`)."""
     values = {
         "overrides": join_overrides(overrides),
         "project-dir": str(PROJECT_DIR),
         "tracking-uri": tracking_uri,
         "parent-run-id": parent_run_id or "",
+        **(extra or {}),
     }
-    args: list[str] = []
-    for key, value in values.items():
-        if '"' in value:
-            raise ConfigError(f'{key} may not contain a double quote: {value}')
-        # flwr parses each pair as TOML: a backslash (Hydra escapes ':' in sweep overrides) must be doubled
-        args += ["--run-config", f'{key}="{value.replace(chr(92), chr(92) * 2)}"']
-    return args
+    try:
+        return run_config_args(values)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run_job(
@@ -159,10 +162,12 @@ def run_job(
     console: Console | None = None,
     verbose: bool = False,
     began_at: float | None = None,
+    extra_run_config: dict[str, str] | None = None,
 ) -> JobOutcome:
     """Submit one run to ``superlink``, follow it to the end, check its status.
 
-    ``began_at`` (epoch s) is when the job began, for its timings (default: now)."""
+    ``began_at`` (epoch s) is when the job began, for its timings (default: now);
+    ``extra_run_config``: more run-config keys (see :func:`run_config`)."""
     console = console or Console()
     tracking_uri = tracking_uri or default_tracking_uri()
     run_name = default_run_name(cfg)
@@ -177,7 +182,7 @@ def run_job(
         "--stream",
         # simulation settings; a Deployment Engine federation is its SuperNodes
         *(["--federation-config", federation_config(cfg)] if superlink.simulation else []),
-        *run_config(overrides, tracking_uri, parent_run_id),
+        *run_config(overrides, tracking_uri, parent_run_id, extra_run_config),
     )
     started = time.perf_counter()
     outcome.submitted_at = time.time()

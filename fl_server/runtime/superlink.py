@@ -47,6 +47,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _checked_port(port: int) -> int:
+    """``port`` if it is a loopback port nobody listens on, else a clear error."""
+    if not 1024 <= port <= 65535:
+        raise SuperLinkError(f"port {port} is invalid: use 1024 .. 65535, or leave it out (a free port is picked)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise SuperLinkError(f"port {port} on 127.0.0.1 is taken: choose another one, or leave it out "
+                                 "(a free port is picked)") from None
+    return port
+
+
 def _process_table() -> tuple[dict[int, int], dict[int, int]]:
     """``(parent of, process group of)`` every live process, from ``/proc/<pid>/stat``."""
     parent_of: dict[int, int] = {}
@@ -151,6 +164,9 @@ class LocalSuperLink:
         so that a sweep pays Ray's start-up once instead of once per job. It is
         stopped with the SuperLink. Ignored when ``RAY_ADDRESS`` is already set
         (an existing cluster, see the README).
+    port : int, optional
+        Listen on this loopback port (refused at once if it is taken);
+        default: a free one.
     """
 
     def __init__(
@@ -161,13 +177,14 @@ class LocalSuperLink:
         simulation: bool = True,
         tls: bool = False,
         ray_head: bool = False,
+        port: int | None = None,
     ) -> None:
         self.simulation = simulation
         self.tls = tls
         self.ray_head = ray_head
         self.ray = None  # the LocalRayHead, once started
         self.certificates: Certificates | None = None
-        self.port = _free_port()
+        self.port = _free_port() if port is None else _checked_port(port)
         self.home = FLWR_STATE_DIR / f"superlink-{self.port}"
         # processes of this SuperLink share one split of the data (see fl_datasets.federated)
         self.env = flower_env(self.home, {CACHE_ENV: str(self.cache_dir), **(env or {})})
