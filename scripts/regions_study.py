@@ -3,7 +3,7 @@
     .venv/bin/python -m scripts.regions_study [--seeds 0 1 2] [--rounds 5] [--steps 256] [--sites 9]
         [--episode-s 288] [--eval-seeds 10000 10001] [--experiment fedcontinuum-regions-study]
         [extra Hydra overrides for every job ...]
-    .venv/bin/python -m scripts.regions_study --report PARENT_RUN_ID   # rebuild the tables
+    .venv/bin/python -m scripts.regions_study --report PARENT_RUN_ID [MORE ...]   # rebuild the tables
 
 One MLflow parent run; per seed four real Flower simulations (``task=ppo
 twin=regions``, one PPO site per region, seasonal-naive forecast):
@@ -174,20 +174,23 @@ def scenario_table(rows: dict[str, list[dict[str, float]]], scenarios: tuple[str
     return "\n".join(lines)
 
 
-def report(parent_run_id: str, tracking_uri: str, out: str = "reports") -> str:
-    """Build, print and log (to the parent run and ``out/``) the study's tables."""
+def report(parent_run_ids: str | list[str], tracking_uri: str, out: str = "reports") -> str:
+    """Build, print and log (to the first parent run and ``out/``) the study's tables; several
+    parents (e.g. seeds run as separate studies) make one table, the baselines from the first."""
+    parents = [parent_run_ids] if isinstance(parent_run_ids, str) else list(parent_run_ids)
+    parent_run_id = parents[0]
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
     baselines = json.loads(Path(client.download_artifacts(parent_run_id, "baselines.json")).read_text())
-    runs = child_runs(client, parent_run_id)
+    runs = pd.concat([child_runs(client, p) for p in parents], ignore_index=True)
     rows = method_rows(runs, baselines)
     seeds = sorted(set(runs["seed"])) if not runs.empty else []
     params = parent.data.params
     wall = parent.data.metrics.get("study_wall_time_s")
     text = "\n\n".join([
-        f"# Regions and fairness study (paper 000; MLflow parent run {parent_run_id}; seeds {seeds})",
+        f"# Regions and fairness study (paper 000; MLflow parent run(s) {', '.join(parents)}; seeds {seeds})",
         f"Command: `{params.get('command', '?')}`" + (f"; wall time {wall / 60:.1f} min" if wall else "")
-        + f". Rebuild: `python -m scripts.regions_study --report {parent_run_id}`. Heuristic and MPC are "
+        + f". Rebuild: `python -m scripts.regions_study --report {' '.join(parents)}`. Heuristic and MPC are "
         "deterministic on the held-out seeds: scored once (sd 0).",
         "## Fault-free, nine regions (deployed policies, held-out twin seeds)", main_table(rows),
         "## Paper 000 Table 3: faults", scenario_table(rows, TABLE3, drift=True),
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="fedcontinuum-regions-study")
     parser.add_argument("--tracking-uri", default=default_tracking_uri())
     parser.add_argument("--out", default="reports")
-    parser.add_argument("--report", metavar="PARENT_RUN_ID", help="only rebuild the report of a finished study")
+    parser.add_argument("--report", metavar="PARENT_RUN_ID", nargs="+",
+                        help="only rebuild the report of finished studies (several: one table, baselines of the first)")
     parser.add_argument("overrides", nargs="*", help="further Hydra overrides for every job")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
