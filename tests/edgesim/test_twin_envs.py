@@ -37,7 +37,11 @@ def test_pettingzoo_parallel_api_test(scenario, discrete, shared):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         env = ClusterParallelEnv(scenario, cluster=1, discrete_actions=discrete, shared_reward=shared)
-        parallel_api_test(env, num_cycles=400)  # runs each episode to truncation (300 steps)
+        parallel_api_test(env, num_cycles=400)  # runs each episode to truncation (300 steps); raises on a breach
+        # and after the checker, a fresh episode still starts with every agent's observation in its space
+        observations, _ = env.reset(seed=0)
+        assert sorted(observations) == sorted(env.possible_agents)
+        assert all(env.observation_space(agent).contains(observations[agent]) for agent in env.possible_agents)
 
 
 def test_site_episode_runs_to_truncation_with_a_forecaster(scenario):
