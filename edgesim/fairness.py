@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import EdgeSimError
+from .errors import EdgeSimError, no_unknown_keys
 
 OMEGA_SCHEDULES = ("constant", "spread", "ramp")
 SATISFACTION_WEIGHTS = (0.4, 0.3, 0.3)  # paper 000 l. 227: arrival rate, 1/response time, 1/redundancy
@@ -74,9 +74,7 @@ def parse_fairness(config: Any) -> FairnessSpec:
     config = {} if config is None else config
     if not isinstance(config, Mapping):
         raise EdgeSimError(f"twin.fairness={config!r} must be a mapping, e.g. {{lambda: 1.0, omega: spread}}")
-    unknown = sorted(set(config) - set(_KEYS))
-    if unknown:
-        raise EdgeSimError(f"twin.fairness has unknown key(s) {unknown}: valid keys are {list(_KEYS)}")
+    no_unknown_keys(config, tuple(_KEYS), "twin.fairness")
     lam = config.get("lambda", 0.0)
     if not _finite(lam) or not 0.0 <= lam <= 1.0:
         raise EdgeSimError(f"twin.fairness.lambda={lam!r} is outside [0, 1]: paper 000 (l. 168) weighs "

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import EdgeSimError
+from .errors import EdgeSimError, no_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def parse_regions(config: Any, profile_names: set[str]) -> RegionLayout:
     where = "twin.regions"
     if not isinstance(config, Mapping):
         raise EdgeSimError(f"{where}={config!r} must be a mapping with tiers, industries and areas")
-    _keys(config, ("density", "reference_density", "tiers", "industries", "areas"), where)
+    no_unknown_keys(config, ("density", "reference_density", "tiers", "industries", "areas"), where)
     density = _fraction(config.get("density", 0.3), f"{where}.density")
     reference = _fraction(config.get("reference_density", 0.3), f"{where}.reference_density")
     tiers = _table(config.get("tiers"), f"{where}.tiers", ("sites", "profiles", "cloud_region"))
@@ -86,7 +86,7 @@ def parse_regions(config: Any, profile_names: set[str]) -> RegionLayout:
         at = f"{where}.areas[{index}]"
         if not isinstance(area, Mapping):
             raise EdgeSimError(f"{at}={area!r} must be a mapping {{name, tier, industry}}")
-        _keys(area, ("name", "tier", "industry"), at)
+        no_unknown_keys(area, ("name", "tier", "industry"), at)
         tier, industry = area.get("tier"), area.get("industry")
         if tier not in tiers:
             raise EdgeSimError(f"{at}.tier={tier!r} is not a tier: use one of {sorted(tiers)} (twin.regions.tiers)")
@@ -147,14 +147,8 @@ def _table(config: Any, where: str, keys: tuple[str, ...]) -> dict[str, Mapping[
     for name, entry in config.items():
         if not isinstance(entry, Mapping):
             raise EdgeSimError(f"{where}.{name}={entry!r} must be a mapping {{{', '.join(keys)}}}")
-        _keys(entry, keys, f"{where}.{name}")
+        no_unknown_keys(entry, keys, f"{where}.{name}")
     return dict(config)
-
-
-def _keys(config: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(config) - set(allowed))
-    if unknown:
-        raise EdgeSimError(f"{where} has unknown key(s) {unknown}: valid keys are {list(allowed)}")
 
 
 def _fraction(value: Any, where: str) -> float:

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import EdgeSimError
+from .errors import no_unknown_keys as _no_unknown_keys
 from .fairness import parse_fairness
 from .regions import cluster_configs, parse_regions
 
@@ -445,12 +446,6 @@ def _fleet(devices: Any) -> Any:
         return Fleet.from_config(devices)
     except (KeyError, TypeError, ValueError) as err:
         raise EdgeSimError(f"twin.devices is invalid: {err}") from err
-
-
-def _no_unknown_keys(config: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(config) - set(allowed))
-    if unknown:
-        raise EdgeSimError(f"{where} has unknown key(s) {unknown}: valid keys are {list(allowed)}")
 
 
 def _number(
