@@ -31,6 +31,12 @@ slices, bandwidth reservations) using congestion signals"; §5.3: ESAs every
      donor at most half busy and their pressures differ by more than
      ``migrate_gap``, within the shield's 2/min cap.
 
+   With ``coa: qmix`` a learned COA team (:mod:`tasks.rl.coa`) picks, per
+   cluster, one row of :data:`COA_MENU` at each decision instead of the
+   rule's constants: the slice budget share, the link share and whether the
+   rebalancing migration runs; the auctions then clear the bids against
+   those capacities (see :meth:`ControlLayer.coa_capacities`).
+
    The allocations hold until the next COA step: in between, the COA
    rewrites any ESA action that asks for more slices (a scale-up beyond the
    allocation becomes a hold; a node above it scales down) or more cloud
@@ -73,6 +79,13 @@ from .modes import ModePlan, mode_names
 
 OBS_CAP = 50.0  # as edgesim.envs: ratios are clipped here
 FEATURES = ("price_slice", "price_link", "alloc_slice", "alloc_link", "coa_phase")
+COAS = ("rule", "qmix")
+# The learned COA's discrete menu, one row per action: (slice budget share of the cluster's slots,
+# share of its edge->cloud link, rebalancing migration on). Our choice: 0.75 is the rule's budget
+# (control.slice_share's default), 0.5 a tight energy budget, 1.0 no cap; a half link reserves
+# bandwidth and cuts cloud spend; migration off spares the migration charge and the cold start.
+# The rule under default settings is row (0.75, 1.0, True), so the learned COA can always do what it does.
+COA_MENU = tuple((share, link, migrate) for share in (0.5, 0.75, 1.0) for link in (0.5, 1.0) for migrate in (False, True))
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,8 @@ class ControlConfig:
         Show the forecast-MPC's plan to the policy as an action prior.
     prior_weight : float
         beta: logit / Q bonus of the MPC's action (>= 0; used by the agents).
+    coa : str
+        ``rule`` (the fixed COA above) or ``qmix`` (a learned COA team picks :data:`COA_MENU` rows).
     """
 
     enabled: bool = False
@@ -121,6 +136,7 @@ class ControlConfig:
     migration_cost: float = 0.05
     hybrid: bool = False
     prior_weight: float = 2.0
+    coa: str = "rule"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, where: str = "task.control") -> "ControlConfig":
@@ -145,6 +161,11 @@ class ControlConfig:
                 span = "in (0, 1]" if high else ">= 0"
                 hint = " (lambda, the weight of internal prices in the ESA reward)" if key == "price_weight" else ""
                 raise EdgeSimError(f"{where}.{key}={value} is invalid: use a number {span}{hint}")
+        coa = raw.get("coa", cls.coa)
+        if coa not in COAS:
+            raise EdgeSimError(f"{where}.coa={coa} is invalid: use rule or qmix")
+        if coa == "qmix" and not raw.get("enabled", cls.enabled):
+            raise EdgeSimError(f"{where}.coa=qmix needs {where}.enabled=true: the learned COA is part of the hierarchy")
         link = raw.get("link_mbps")
         if link is not None and not (_is_number(link) and link > 0):
             raise EdgeSimError(f"{where}.link_mbps={link} is invalid: use Mbps > 0, or null for the twin's bandwidth_mbps")
@@ -162,14 +183,20 @@ class ControlLayer:
     config : ControlConfig
     forecast_fn : callable, optional
         The MPC's forecaster in hybrid mode (default: seasonal-naive over one day).
+    coa_policy : callable, optional
+        With ``coa: qmix``: ``coa_policy(obs, reward) -> (C,) COA_MENU indices``, called once per COA
+        decision with :meth:`coa_observation` (C, D) and the per-cluster COA reward of the window
+        that just ended ((C,), None at an episode's first decision). May be set after construction.
     """
 
-    def __init__(self, config: ControlConfig, forecast_fn: Callable | None = None) -> None:
+    def __init__(self, config: ControlConfig, forecast_fn: Callable | None = None,
+                 coa_policy: Callable | None = None) -> None:
         if not config.enabled:
             raise EdgeSimError("ControlLayer needs control.enabled=true")
         self.config = config
         self.plan = ModePlan(config.mode, list(config.schedule))
         self.forecast_fn = forecast_fn
+        self.coa_policy = coa_policy
         # control-plane CPU time (process time) of this layer: inside twin.step, and building features
         self.before_step_cpu_s = 0.0
         self.features_cpu_s = 0.0
@@ -187,6 +214,10 @@ class ControlLayer:
         link = self.config.link_mbps if self.config.link_mbps is not None else sc.network.bandwidth_mbps
         self.link_capacity = np.full(twin.num_clusters, float(link))
         self.fair_link = self.link_capacity[self.cluster] / np.array([len(self.members[c]) for c in self.cluster])
+        # what each COA_MENU row hands out per cluster, (C, actions): the same floor as the rule's budget
+        cluster_slots = np.array([self.slots[m].sum() for m in self.members])
+        self.menu_slices = np.floor(np.outer(cluster_slots, [row[0] for row in COA_MENU]) + 1e-9)
+        self.menu_links = np.outer(self.link_capacity, [row[1] for row in COA_MENU])
         self.mbit_per_request = sc.network.request_kb * 8.0 / 1e3
         self.max_step = sc.shield.max_replica_step
         self.migration_cap = sc.shield.migration_cap_per_min
@@ -218,6 +249,9 @@ class ControlLayer:
         self.coa_return = np.zeros(clusters)
         self._coa_window = np.zeros(clusters)  # ESA rewards summed since the last COA decision
         self._migrations = np.zeros(clusters)
+        self.slice_budget = self.slice_capacity.copy()  # what the auctions clear against (the rule: fixed)
+        self.link_budget = self.link_capacity.copy()
+        self.coa_actions = np.full(clusters, -1, dtype=np.int64)  # the learned COA's last menu rows
         self.clips = 0
         self.migrations = 0
         self._proposal_step = -1
@@ -260,20 +294,48 @@ class ControlLayer:
         """Every k steps: clear both auctions per cluster and pick one rebalancing migration."""
         s = twin.state
         step = s.step
+        reward = None
         if self.coa_steps:  # the COA reward of the decision that ends now
-            self.coa_return += self._coa_window / self.k - self.config.migration_cost * self._migrations
+            reward = self._coa_window / self.k - self.config.migration_cost * self._migrations
+            self.coa_return += reward
+        migrate = self._coa_choose(twin, reward)
         self._coa_window[:] = 0.0
         self._migrations[:] = 0.0
         self.coa_steps.append(step)
         value = self.pressure(twin)
         limit = twin.replica_limit()
         for c, members in enumerate(self.members):
-            slices = self._clear(requested[members].astype(np.float64), value[members], self.slice_capacity[c])
-            link = self._clear(cloud_mbps[members], value[members], self.link_capacity[c])
-            self.slice_alloc[members] = whole_slices(slices.allocation, self.slice_capacity[c])
+            slices = self._clear(requested[members].astype(np.float64), value[members], self.slice_budget[c])
+            link = self._clear(cloud_mbps[members], value[members], self.link_budget[c])
+            self.slice_alloc[members] = whole_slices(slices.allocation, self.slice_budget[c])
             self.link_alloc[members] = link.allocation
             self.price_slice[c], self.price_link[c] = slices.price, link.price
-            self._rebalance(c, members, value, held, s, migrate_to, limit)
+            if migrate[c]:
+                self._rebalance(c, members, value, held, s, migrate_to, limit)
+
+    def _coa_choose(self, twin, reward) -> np.ndarray:
+        """The capacities of this decision (``slice_budget``, ``link_budget``) and, per cluster,
+        whether the rebalancing migration runs: the rule's constants, or the learned COA's rows."""
+        if self.config.coa == "rule":
+            return np.ones(len(self.members), dtype=bool)
+        if self.coa_policy is None:
+            raise EdgeSimError("task.control.coa=qmix needs a COA policy: set ControlLayer.coa_policy "
+                               "(tasks.rl.coa attaches the learned team)")
+        actions = np.asarray(self.coa_policy(self.coa_observation(twin), reward), dtype=np.int64)
+        return self.coa_capacities(actions)
+
+    def coa_capacities(self, actions: np.ndarray) -> np.ndarray:
+        """Apply one :data:`COA_MENU` row per cluster: the auctions' slice and link capacities
+        until the next decision; returns the per-cluster migration switch."""
+        clusters = len(self.members)
+        if actions.shape != (clusters,) or (actions < 0).any() or (actions >= len(COA_MENU)).any():
+            raise EdgeSimError(f"the COA policy gave {actions.tolist()}: one COA_MENU index in 0..{len(COA_MENU) - 1} "
+                               f"per cluster ({clusters})")
+        self.coa_actions = actions.copy()
+        rows = np.arange(clusters)
+        self.slice_budget = self.menu_slices[rows, actions]
+        self.link_budget = self.menu_links[rows, actions]
+        return np.array([COA_MENU[a][2] for a in actions], dtype=bool)
 
     def _clear(self, quantity, value, capacity):
         if self.config.pricing:
@@ -356,8 +418,10 @@ class ControlLayer:
         s = twin.state
         queue = s.queue_total / twin.scenario.service.queue_capacity
         rows = []
+        # over the rule's budget (not the learned COA's latest choice): one fixed reference whatever it chose;
+        # a budget of 0 slices (tiny clusters) counts as 1, so the ratio stays finite
         for c, m in enumerate(self.members):
-            rows.append([s.last_util[m].mean(), queue[m].mean(), self.slice_alloc[m].sum() / self.slice_capacity[c],
+            rows.append([s.last_util[m].mean(), queue[m].mean(), self.slice_alloc[m].sum() / max(self.slice_capacity[c], 1.0),
                          self.link_alloc[m].sum() / self.link_capacity[c], self.price_slice[c], self.price_link[c]])
         mode = np.zeros((len(self.members), self.num_modes))
         mode[:, self.plan.index(min(s.step, twin.scenario.episode_steps - 1))] = 1.0
@@ -392,4 +456,4 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
-__all__ = ["FEATURES", "ControlConfig", "ControlLayer", "whole_slices"]
+__all__ = ["COAS", "COA_MENU", "FEATURES", "ControlConfig", "ControlLayer", "whole_slices"]

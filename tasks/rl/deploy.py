@@ -78,20 +78,21 @@ class LearnedController:
 
 def run_controlled_episode(scenario: Scenario, controller: Any, seed: int,
                            reward_nodes: np.ndarray | None = None, control=None,
-                           forecaster=None) -> dict[str, float]:
+                           forecaster=None, coa_policy=None) -> dict[str, float]:
     """One episode under ``controller``; the twin's summary plus ``return`` and ``control_cpu_us``.
 
     ``return`` sums, over steps, the mean reward of ``reward_nodes`` (all
     nodes if None), so agents and baselines are scored on the same nodes.
     ``control`` (an :class:`edgesim.control.ControlConfig`) runs the ESA/COA
-    hierarchy in the twin (``forecaster``: its MPC's, hybrid mode).
+    hierarchy in the twin (``forecaster``: its MPC's, hybrid mode; ``coa_policy``: the learned
+    COA team's, with ``control.coa: qmix``).
     ``control_cpu_us`` is the control plane's CPU time per step (the
     controller's ``act``: agents' forward passes, observations, and the
     control layer's auctions and MPC), paper 001 Table 5's overhead.
     """
     from edgesim.control import ControlLayer
 
-    layer = ControlLayer(control, forecaster) if control is not None and control.enabled else None
+    layer = ControlLayer(control, forecaster, coa_policy) if control is not None and control.enabled else None
     twin = EdgeCloudTwin(scenario, control=layer)
     twin.reset(seed)
     controller.reset(twin)
@@ -115,14 +116,26 @@ def evaluate_deployment(spec: RLSpec, agents: dict[int, nn.Module], seeds: tuple
     """Mean metrics over ``seeds`` of the deployed agents, and their action distribution."""
     scenario = build_scenario(spec, faults)
     nodes = np.concatenate([controlled_nodes(spec, scenario, c) for c in sorted(agents)])
+    coa_policy = deployed_coa(spec, agents)
     runs, counts = [], 0
     for seed in seeds:
         controller = LearnedController(spec, agents)
-        runs.append(run_controlled_episode(scenario, controller, int(seed), nodes, control_config(spec), forecast_fn(spec)))
+        runs.append(run_controlled_episode(scenario, controller, int(seed), nodes, control_config(spec), forecast_fn(spec),
+                                           coa_policy))
         counts = counts + controller.action_counts
     mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     total = np.sum(counts)
     return mean, (counts / total if total else np.zeros_like(counts, dtype=float))
+
+
+def deployed_coa(spec: RLSpec, agents: dict[int, nn.Module]):
+    """The greedy learned COA team (``control.coa: qmix``), else None. It is the first client's:
+    the team is federated and ``federated: false`` is refused with it, so every client holds the same."""
+    from .coa import greedy_policy, uses_learned_coa
+
+    if not uses_learned_coa(spec):
+        return None
+    return greedy_policy(agents[min(agents)].coa)
 
 
 def policy_drift(p: np.ndarray, q: np.ndarray) -> float:

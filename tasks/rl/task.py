@@ -82,6 +82,9 @@ class RLTask(Task):
                f"task.episode_s={task.episode_s} is invalid: use at least 10 simulated seconds")
         _check(len(task.eval_seeds) >= 1, "task.eval_seeds is empty: give at least one held-out twin seed")
         _check_control(task)
+        _check(task.federated or task.get("control") is None or task.control.get("coa", "rule") != "qmix",
+               "task.control.coa=qmix (+arm=coaqmix) needs task.federated=true: one COA team drives every cluster "
+               "of the evaluation twin, and without federation each client trains its own")
         spec = RLSpec.from_config(cfg)
         check_hyper(spec)
         _check(not cfg.privacy.secagg.enabled or (spec.federated and not spec.personal_head and not spec.local_mixer),
@@ -130,7 +133,8 @@ class RLTask(Task):
 
     # ------------------------------------------------------------ client
     def train(self, arrays: ArrayRecord, run: ClientRound) -> LocalUpdate:
-        """One round of local PPO (one site) or QMIX/VDN (one cluster)."""
+        """One round of local PPO (one site) or QMIX/VDN (one cluster); with ``control.coa: qmix``
+        the COA team learns in the same twins, at its own cadence (:mod:`tasks.rl.coa`)."""
         from tasks.rl import ppo, qmix
 
         spec = _spec(run.config)
@@ -138,15 +142,19 @@ class RLTask(Task):
         model.load_state_dict(deployed_state(spec, arrays.to_torch_state_dict(), _local_state(run)))
         if spec.centralised:  # C-ML: the one learner pools every site's experience
             envs = [ppo.make_site_env(spec, site) for site in range(spec.agent_sites)]
+        elif spec.algo == "ppo":
+            envs = [ppo.make_site_env(spec, run.partition_id)]
+        else:
+            envs = [qmix.make_cluster_env(spec, run.partition_id)]
+        trainer = _coa_trainer(spec, model, envs, run)
+        if spec.algo == "ppo":  # one env: plain local PPO; C-ML pools them
             metrics = ppo.train_ppo_pooled(model, envs, spec.steps_per_round, ppo.PPOHyper.from_dict(spec.hyper),
                                            run.seed)
-        elif spec.algo == "ppo":
-            env = ppo.make_site_env(spec, run.partition_id)
-            metrics = ppo.train_ppo(model, env, spec.steps_per_round, ppo.PPOHyper.from_dict(spec.hyper), run.seed)
         else:
-            env = qmix.make_cluster_env(spec, run.partition_id)
-            metrics = qmix.train_qmix(model, env, spec.steps_per_round, qmix.QMixHyper.from_dict(spec.hyper),
+            metrics = qmix.train_qmix(model, envs[0], spec.steps_per_round, qmix.QMixHyper.from_dict(spec.hyper),
                                       run.seed, steps_before=(run.server_round - 1) * spec.steps_per_round)
+        if trainer is not None:
+            metrics.update(trainer.metrics())
         run.state[LOCAL_KEY] = ArrayRecord(model.state_dict())
         metrics = {k: v for k, v in metrics.items() if v == v}  # no NaN (e.g. no TD update yet) into MLflow
         return LocalUpdate(
@@ -166,6 +174,20 @@ class RLTask(Task):
         scores, _ = evaluate_deployment(spec, {run.partition_id: model}, spec.eval_seeds[:1])
         return {"eval_return": scores["return"], "eval_slo_violation_rate": scores["slo_violation_rate"],
                 protocol.NUM_EXAMPLES: 1}
+
+
+def _coa_trainer(spec: RLSpec, model: torch.nn.Module, envs: list, run: ClientRound):
+    """The learned COA team's trainer, attached to every training twin (None with the rule COA)."""
+    from tasks.rl import coa
+
+    if not coa.uses_learned_coa(spec):
+        return None
+    k = envs[0].twin.control.k
+    decisions_before = (run.server_round - 1) * len(envs) * (spec.steps_per_round // k)
+    trainer = coa.COATrainer(model.coa, k, run.seed, decisions_before)
+    for env in envs:
+        trainer.attach(env.twin.control)
+    return trainer
 
 
 def rl_arm(cfg: DictConfig) -> str:
@@ -197,6 +219,8 @@ def rl_arm(cfg: DictConfig) -> str:
             parts.append(str(control.mode).replace("-", ""))
         if control.hybrid:
             parts.append("hybrid")
+        if control.get("coa", "rule") == "qmix":  # +arm=coaqmix: the learned COA team
+            parts.append("coaqmix")
     return "-".join(parts)
 
 
@@ -217,11 +241,12 @@ def _check_control(task: DictConfig) -> None:
 
 def build_model(spec: RLSpec, client: int = 0, seed: int | None = None) -> torch.nn.Module:
     """The spec's agent (PPO actor-critic, or the QMIX learner of cluster ``client``)."""
-    from tasks.rl import ppo, qmix
+    from tasks.rl import coa, ppo, qmix
 
-    if spec.algo == "ppo":
-        return ppo.build_agent(spec, seed=seed)
-    return qmix.build_learner(spec, seed=seed, cluster=client)
+    model = ppo.build_agent(spec, seed=seed) if spec.algo == "ppo" else qmix.build_learner(spec, seed=seed, cluster=client)
+    if coa.uses_learned_coa(spec):  # the COA team travels in the same record, under coa.*
+        coa.attach_team(model, coa.team_for(spec, seed))
+    return model
 
 
 def local_prefixes(spec: RLSpec) -> tuple[str, ...]:
@@ -261,12 +286,27 @@ def train_flops(spec: RLSpec, model: torch.nn.Module) -> float:
         hyper = ppo.PPOHyper.from_dict(spec.hyper)
         obs = model.actor.trunk[0].in_features
         per_obs = module_costs(model.actor, torch.zeros(1, obs))[0] + module_costs(model.critic, torch.zeros(1, obs))[0]
-        return per_obs * steps * (2 + 3 * hyper.epochs)
+        return per_obs * steps * (2 + 3 * hyper.epochs) + coa_flops(spec, model, steps)
     hyper = qmix.QMixHyper.from_dict(spec.hyper)
     net = model.agent.net
     per_agent = module_costs(net, torch.zeros(1, net[0].in_features))[0]
     updates = steps // hyper.train_every
-    return per_agent * model.n_agents * (steps + updates * hyper.batch_size * 4)
+    return per_agent * model.n_agents * (steps + updates * hyper.batch_size * 4) + coa_flops(spec, model, steps)
+
+
+def coa_flops(spec: RLSpec, model: torch.nn.Module, steps: int) -> float:
+    """The learned COA team's share, counted as the ESA QMIX's: every decision (every k steps) the team
+    net acts for each cluster, and one TD update per decision on ``batch_size`` transitions (4x forward)."""
+    from tasks.rl import coa
+    from tasks.rl.spec import control_config
+
+    if not hasattr(model, "coa"):
+        return 0.0
+    team = model.coa
+    net = team.agent.net
+    per_agent = module_costs(net, torch.zeros(1, net[0].in_features))[0]
+    decisions = steps // control_config(spec).coa_every
+    return per_agent * team.n_agents * decisions * (1 + coa.COA_HYPER.batch_size * 4 / coa.COA_HYPER.train_every)
 
 
 def _spec(config: ConfigRecord) -> RLSpec:

@@ -8,7 +8,7 @@ import pytest
 
 from edgesim import Action, EdgeCloudTwin, EdgeSimError
 from edgesim.auction import proportional_share, uniform_price
-from edgesim.control import ControlConfig, ControlLayer, whole_slices
+from edgesim.control import COA_MENU, ControlConfig, ControlLayer, whole_slices
 from edgesim.modes import ModePlan, mode_weights
 from tests.edgesim.helpers import tiny
 
@@ -121,6 +121,75 @@ def test_the_coa_acts_exactly_every_k_steps_and_its_allocation_binds():
     assert twin.summary()["control_clips"] > 0
 
 
+# ------------------------------------------------------------------ the learned COA's hooks (coa: qmix)
+
+
+def test_a_learned_coa_is_asked_exactly_every_k_steps_with_its_window_reward():
+    # Prepare: k = 4 on the 10-step tiny twin; a policy that records when it is asked
+    config = ControlConfig.from_dict({"enabled": True, "coa_every": 4, "coa": "qmix"})
+    calls = []
+    layer = ControlLayer(config, coa_policy=lambda obs, reward: calls.append((obs.shape, reward)) or np.zeros(2, int))
+    twin = EdgeCloudTwin(tiny(), seed=0, control=layer)
+    # Execute
+    steps = []
+    while not twin.done:
+        before = len(calls)
+        twin.step(None)
+        steps += [twin.state.step - 1] * (len(calls) - before)
+    # Assert: asked at steps 0, 4, 8 only, with the (C, 6 + 4 modes) observation; the first decision of
+    # the episode has no window behind it, the next two get the window just closed, which is what
+    # the layer adds to its COA return
+    assert steps == [0, 4, 8] == twin.control.coa_steps
+    assert [shape for shape, _ in calls] == [(2, 10)] * 3
+    assert calls[0][1] is None
+    np.testing.assert_allclose(calls[1][1] + calls[2][1], twin.control.coa_return)
+
+
+@pytest.mark.parametrize("row, slices, link_budget, links", [
+    # cluster a: 2 slots, b: 1 slot; link 1 Mbps per cluster. Every node asks its 1 held slice and, all
+    # to the cloud at step 0, max(0 arrivals, 1) x 100 kB = 0.8 Mbps; all bids at value 0 (no backlog) tie.
+    # share 0.5: a gets floor(0.5 x 2) = 1 slice (largest remainder: the first node), b floor(0.5) = 0;
+    # half links 0.5 Mbps: a's two bids of 0.8 share it, 0.25 each; b gets 0.5 of its 0.8
+    ((0.5, 0.5, False), [1, 0, 0], [0.5, 0.5], [0.25, 0.25, 0.5]),
+    # share 1: every slice; full links 1 Mbps: a's 1.6 asked is cut to 0.5 each, b's 0.8 fits
+    ((1.0, 1.0, False), [1, 1, 1], [1.0, 1.0], [0.5, 0.5, 0.8]),
+])
+def test_a_chosen_coa_action_sets_the_capacities_the_auction_clears_against(row, slices, link_budget, links):
+    # Prepare
+    config = ControlConfig.from_dict({"enabled": True, "coa": "qmix", "link_mbps": 1.0})
+    action = COA_MENU.index(row)
+    twin = EdgeCloudTwin(tiny(), seed=0, control=ControlLayer(config, coa_policy=lambda obs, reward: np.full(2, action)))
+    # Execute
+    twin.step(cloud_rows(twin.num_nodes))
+    # Assert
+    layer = twin.control
+    np.testing.assert_allclose(layer.slice_budget, [slices[0] + slices[1], slices[2]])
+    np.testing.assert_allclose(layer.slice_alloc, slices)
+    np.testing.assert_allclose(layer.link_budget, link_budget)
+    np.testing.assert_allclose(layer.link_alloc, links)
+    assert layer.coa_actions.tolist() == [action, action]
+
+
+def test_the_rule_is_the_learned_menus_default_row_bit_for_bit():
+    # Prepare: the rule, and a "learned" COA that always picks (0.75, 1.0, migrate), on a twin with
+    # 3 clusters x 4 nodes and migrations (the rule's constants: slice_share 0.75, full link, rebalancing)
+    from tests.edgesim.helpers import synthetic
+
+    scenario = synthetic(episode_s=60, faults=[])
+    row = COA_MENU.index((0.75, 1.0, True))
+    summaries = []
+    for raw, policy in (({}, None), ({"coa": "qmix"}, lambda obs, reward: np.full(len(obs), row))):
+        layer = ControlLayer(ControlConfig.from_dict({"enabled": True, "migrate_gap": 0.0, **raw}), coa_policy=policy)
+        twin = EdgeCloudTwin(scenario, seed=3, control=layer)
+        rng = np.random.default_rng(0)
+        while not twin.done:
+            twin.step(Action.from_env(rng.uniform(-1, 1, size=(twin.num_nodes, 6)), 2))
+        summaries.append({k: v for k, v in twin.summary().items() if not k.endswith("cpu_s")})
+    # Assert: identical, to the bit
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["coa_decisions"] == 20 and summaries[0]["coa_migrations"] > 0
+
+
 # ------------------------------------------------------------------ bad configs
 
 
@@ -135,6 +204,8 @@ def test_the_coa_acts_exactly_every_k_steps_and_its_allocation_binds():
     ({"mode": "schedule", "schedule": [{"at": 0.5, "mode": "cost-cap"}]}, r"the first entry needs at: 0"),
     ({"mode": "schedule", "schedule": [{"at": 0.0, "mode": "eco"}]}, r"task.control.schedule mode=eco is unknown"),
     ({"cadence": 3}, r"task.control.cadence is unknown: valid keys are"),
+    ({"coa": "foo"}, r"^task.control.coa=foo is invalid: use rule or qmix$"),
+    ({"coa": "qmix", "enabled": False}, r"task.control.coa=qmix needs task.control.enabled=true"),
 ])
 def test_bad_control_config_is_one_clear_error(raw, match):
     with pytest.raises(EdgeSimError, match=match):

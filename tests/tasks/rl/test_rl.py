@@ -231,3 +231,87 @@ def test_a_control_spec_gives_the_esa_prices_modes_and_the_mpc_proposal():
     scores, _ = deploy.evaluate_deployment(spec, {0: agent}, [3])
     assert scores["coa_decisions"] == 64 / 3 // 1 + 1  # steps 0, 3, ..., 63
     assert scores["control_cpu_us"] > 0
+
+
+# ------------------------------------------------------------------ the learned COA team (control.coa: qmix)
+
+COA_SPEC = dict(**TINY, control='{"enabled": true, "coa": "qmix"}')
+
+
+def test_coa_td_target_hand_computed_through_the_qmix_mixer():
+    # Prepare: 2 COAs, 12 menu actions; zeroed nets whose biases give Q_a = (1, 3, 0, ...) for both
+    # agents and a mixer with Q_tot = elu(q_1 + q_2) + V: |w1| = 1, b1 = 0, |w_final| = 1/embed, V = 0.5
+    from tasks.rl import coa
+
+    team = coa.build_team(num_clusters=2, obs_dim=3, hidden=4, seed=0)
+    with torch.no_grad():
+        for p in team.parameters():
+            p.zero_()
+        team.agent.net[4].bias[:2] = torch.tensor([1.0, 3.0])
+        team.mixer.hyper_w_1.bias.fill_(1.0)
+        team.mixer.hyper_w_final.bias.fill_(1.0 / team.mixer.embed_dim)
+        team.mixer.V[2].bias.fill_(0.5)
+    # one window: both COAs chose row 0, the team reward (sum over clusters) 0.4
+    batch = (torch.zeros(1, 2, 3), torch.tensor([[0, 0]]), torch.tensor([0.4]), torch.zeros(1, 2, 3))
+    gamma = 0.985 ** 3  # per decision at k = 3
+    # Execute
+    loss = qmix.td_loss(team, team, batch, gamma)
+    # Assert: Q_tot(s, (0, 0)) = elu(1 + 1) + 0.5 = 2.5; y = 0.4 + gamma (elu(3 + 3) + 0.5) = 0.4 + 6.5 gamma
+    y = 0.4 + gamma * 6.5
+    assert loss.item() == pytest.approx((2.5 - y) ** 2, rel=1e-5)
+
+
+def test_the_coa_team_trains_on_its_window_rewards_inside_an_esa_round():
+    # Prepare: PPO ESA on site 0, the COA team attached to its twin (k = 3)
+    from tasks.rl import coa
+
+    spec = RLSpec(**COA_SPEC)
+    model = ppo.build_agent(spec, seed=0)
+    coa.attach_team(model, coa.team_for(spec, seed=0))
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("coa.")}
+    env = ppo.make_site_env(spec, site=0)
+    trainer = coa.COATrainer(model.coa, env.twin.control.k, seed=0)
+    trainer.attach(env.twin.control)
+    # Execute: one 64-step episode by hand, then a 128-step PPO round (two more episodes)
+    env.reset(seed=0)
+    for _ in range(64):
+        env.step(0)
+    windows = trainer.replay.rewards[: trainer.replay.size].copy()
+    closed = env.twin.control.coa_return.sum()  # (C,) summed over the closed windows, before the next reset
+    ppo.train_ppo(model, env, 128, ppo.PPOHyper(minibatch=64, epochs=1), seed=0)
+    # Assert: 22 decisions per episode (steps 0, 3, ..., 63); its 21 closed windows reach the replay, each
+    # with the sum over clusters of the layer's COA reward, so they add up to the layer's COA return
+    assert len(windows) == 21
+    np.testing.assert_allclose(windows.sum(), closed, rtol=1e-5)
+    assert trainer.decisions == 66 and trainer.replay.size == 63
+    assert trainer.updates == 63 - coa.COA_HYPER.warmup + 1 and np.isfinite(trainer.metrics()["train_coa_td_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "qmix"])
+def test_coa_parameters_travel_in_the_model_record_and_are_federated(algo):
+    from tasks.rl.task import build_model, local_prefixes
+
+    spec = RLSpec(algo=algo, **COA_SPEC)
+    state = build_model(spec, seed=3).state_dict()
+    coa_keys = [k for k in state if k.startswith("coa.")]
+    assert {"coa.agent.net.0.weight", "coa.mixer.hyper_w_1.weight"} <= set(coa_keys)
+    restored = ArrayRecord(state).to_torch_state_dict()
+    assert all(torch.equal(restored[k], state[k]) for k in state)
+    # no local prefix catches them (a QMIX ESA's local mixer is "mixer.", not "coa.mixer.")
+    local = local_prefixes(RLSpec(algo=algo, local_mixer=algo == "qmix", **COA_SPEC))
+    assert not any(k.startswith(local) for k in coa_keys) if local else True
+    glob = {k: torch.ones_like(v) for k, v in state.items()}
+    kept = deployed_state(RLSpec(algo=algo, local_mixer=algo == "qmix", **COA_SPEC), glob, state)
+    assert all(torch.equal(kept[k], glob[k]) for k in coa_keys)
+
+
+def test_evaluation_drives_the_clusters_with_the_greedy_coa_team():
+    from tasks.rl.task import build_model
+
+    spec = RLSpec(**COA_SPEC)
+    model = build_model(spec, seed=0)
+    scores, _ = deploy.evaluate_deployment(spec, {0: model}, [3])
+    assert scores["coa_decisions"] == 22
+    obs = np.random.default_rng(0).uniform(0, 1, size=(model.coa.n_agents, 10))
+    np.testing.assert_array_equal(deploy.deployed_coa(spec, {0: model})(obs, None), model.coa.greedy(obs))

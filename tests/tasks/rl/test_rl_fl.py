@@ -103,10 +103,15 @@ def test_an_interrupted_rl_run_resumes_from_its_last_checkpoint(tracking_uri, tm
         (["task=ppo", "+arm=vdn"], r"task.mixer=vdn \(\+arm=vdn\) needs task=qmix"),
         (["task=qmix", "clients.num=3", "+arm=ph"], r"task.personal_head=true \(\+arm=ph\) needs task=ppo"),
         (["task=ppo", "+arm=nofl"],
-         r"unknown arm 'nofl': choose one of cml, costcap, ctl, eml, fair, hybrid, mafl, marl, nofc, noprice, noshield, ph, vdn"),
+         r"unknown arm 'nofl': choose one of cml, coaqmix, costcap, ctl, eml, fair, hybrid, mafl, marl, nofc, noprice, "
+         r"noshield, ph, vdn"),
         (["task=ppo", "+arm=ctl", "task.control.coa_every=0"], r"task.control.coa_every=0 is invalid: the COA cadence"),
         (["task=ppo", "+arm=ctl", "task.control.mode=turbo"], r"task.control.mode=turbo is unknown"),
         (["task=qmix", "clients.num=3", "task.control.price_weight=-0.5"], r"task.control.price_weight=-0.5 is invalid"),
+        (["task=ppo", "+arm=ctl", "task.control.coa=foo"], r"task.control.coa=foo is invalid: use rule or qmix"),
+        (["task=ppo", "task.control.coa=qmix"], r"task.control.coa=qmix needs task.control.enabled=true"),
+        (["task=ppo", "+arm=coaqmix", "task.federated=false"],
+         r"task.control.coa=qmix \(\+arm=coaqmix\) needs task.federated=true"),
         (["task=ppo", "clients.num=4", "+arm=cml"], r"task.centralised=true \(\+arm=cml\) is one centralised PPO learner: "
                                                     r"use task=ppo clients.num=1"),
         (["task=qmix", "clients.num=3", "+arm=eml"], r"task.edge_only=true \(\+arm=eml\) needs task=ppo"),
@@ -232,3 +237,10 @@ def test_an_unknown_forecasting_run_is_one_clear_error(tracking_uri):
     cfg = compose_config(["task=ppo", "task.forecaster=federated:0123456789abcdef"])
     with pytest.raises(ValueError, match=r"federated:0123456789abcdef: no such MLflow run"):
         forecaster_payload(RLSpec.from_config(cfg), tracking_uri)
+
+
+def test_the_learned_coa_arm_is_named_in_the_run():
+    from tasks.rl.task import rl_arm
+
+    cfg = compose_config(["task=qmix", "clients.num=3", "+arm=coaqmix"])
+    assert cfg.task.control.coa == "qmix" and rl_arm(cfg) == "mafl-ctl-coaqmix"
