@@ -6,7 +6,8 @@ agents (every step); here the COA of every cluster is one agent of a QMIX
 team that decides every ``control.coa_every`` steps
 (:class:`edgesim.control.ControlLayer` calls it at exactly those steps):
 
-* observation: :meth:`~edgesim.control.ControlLayer.coa_observation`, (C, 6 + modes);
+* observation: :meth:`~edgesim.control.ControlLayer.coa_observation`, (C, 6 + modes), through
+  ``log1p`` (:func:`team_input`);
 * action: one row of :data:`edgesim.control.COA_MENU` per cluster (slice
   budget share x link share x rebalancing migration on/off); the auctions
   clear the ESAs' bids against the chosen capacities;
@@ -60,9 +61,16 @@ def attach_team(model: nn.Module, team: QMixLearner) -> nn.Module:
     return model
 
 
+def team_input(obs: np.ndarray) -> np.ndarray:
+    """What the team sees of the COA observation: ``log1p`` of it. The prices in it are pressures
+    capped at 50, next to ratios in [0, 1]; raw, they blow up the hypernetworks' mixing weights
+    (TD losses of ~1e5 in a first 2-round launcher run), log1p keeps every entry in [0, 3.9]."""
+    return np.log1p(np.asarray(obs, dtype=np.float32))
+
+
 def greedy_policy(team: QMixLearner):
     """Evaluation: the argmax COA_MENU row of every cluster."""
-    return lambda obs, reward: team.greedy(obs)
+    return lambda obs, reward: team.greedy(team_input(obs))
 
 
 class COATrainer:
@@ -98,6 +106,7 @@ class COATrainer:
 
     def decide(self, pending: dict, obs: np.ndarray, reward: np.ndarray | None) -> np.ndarray:
         """Store the transition the window just closed, maybe update, then act epsilon-greedily."""
+        obs = team_input(obs)
         if reward is not None and pending:  # None: a new episode, the previous one's last window is dropped
             self.replay.add(pending["obs"], pending["actions"], float(np.sum(reward)), obs)
             self._maybe_update()
@@ -105,7 +114,7 @@ class COATrainer:
         actions = self.team.greedy(obs)
         explore = self.rng.random(len(actions)) < epsilon
         actions[explore] = self.rng.integers(0, len(COA_MENU), size=int(explore.sum()))
-        pending["obs"], pending["actions"] = np.asarray(obs, dtype=np.float32), actions
+        pending["obs"], pending["actions"] = obs, actions
         self.decisions += 1
         return actions
 

@@ -314,4 +314,4 @@ def test_evaluation_drives_the_clusters_with_the_greedy_coa_team():
     scores, _ = deploy.evaluate_deployment(spec, {0: model}, [3])
     assert scores["coa_decisions"] == 22
     obs = np.random.default_rng(0).uniform(0, 1, size=(model.coa.n_agents, 10))
-    np.testing.assert_array_equal(deploy.deployed_coa(spec, {0: model})(obs, None), model.coa.greedy(obs))
+    np.testing.assert_array_equal(deploy.deployed_coa(spec, {0: model})(obs, None), model.coa.greedy(np.log1p(obs)))
