@@ -7,6 +7,8 @@
   one edge site (:class:`edgesim.envs.EdgeSiteEnv`), TorchRL's losses;
 * :mod:`tasks.rl.qmix`: the Cluster Orchestrator Agent, QMIX (or VDN)
   on one cluster (:class:`edgesim.envs.ClusterParallelEnv`);
+* :mod:`tasks.rl.coa`: the learned COAs (``task.control.coa: qmix``), a QMIX
+  team of every cluster's COA deciding every k steps next to the ESAs;
 * :mod:`tasks.rl.deploy`: learned agents as twin controllers, and the
   system-level evaluation episode the server scores every round.
 
