@@ -1,4 +1,7 @@
-"""QMIX (Rashid et al. 2018) and VDN for one edge cluster (paper 001's Cluster Orchestrator Agent).
+"""QMIX (Rashid et al. 2018) and VDN for one edge cluster: its nodes' agents as one team.
+
+(With ``task.control.coa: qmix`` the same learner, td_loss and replay also
+make the COA level's team, one agent per cluster: :mod:`tasks.rl.coa`.)
 
 Every node of the cluster is an agent on
 :class:`edgesim.envs.ClusterParallelEnv` with the discrete action menu and

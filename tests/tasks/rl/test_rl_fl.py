@@ -186,6 +186,21 @@ def test_a_real_flower_simulation_runs_the_control_hierarchy_arm(tmp_path):
     assert run.data.metrics["eval_control_cpu_us"] > 0
 
 
+@pytest.mark.e2e
+def test_a_real_flower_simulation_trains_the_learned_coa_team(tmp_path):
+    # Prepare: PPO ESAs and the learned COA team (+arm=coaqmix: a QMIX team of the 3 clusters' COAs)
+    uri = sqlite_uri(tmp_path)
+    # Execute
+    result = run_module("fl_server.runtime.launch", "task=ppo", "+arm=coaqmix", "clients.num=2", *TINY,
+                        "task.final_study=false", f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
+    # Assert: the COA decided every 3 steps in training (128 // 3 + 1 per client and round) and in evaluation
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "mafl-ctl-coaqmix"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_coa_decisions")] == [20.0, 20.0, 20.0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_coa_decisions")] == [1, 2]
+
+
 def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(tracking_uri, tmp_path):
     # Prepare: a logged forecasting run (window 48, horizon 6) as task.forecaster
     from tasks.forecast.trained import load_from_mlflow
