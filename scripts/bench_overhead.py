@@ -1,6 +1,6 @@
 """Wall-time overhead of fedcontinuum against a plain Flower FedAvg app.
 
-    python -m scripts.bench_overhead [--repeats N]
+    python -m scripts.bench_overhead [--repeats N] [--warmup N]
 
 Both variants do the same training (MNIST 5k, 3,800-sample IID pool over 10
 clients, the same CNN and initial weights, SGD lr 0.05 momentum 0.9, batch 32,
@@ -13,8 +13,9 @@ on a SuperLink of their own, started and stopped inside the timed span:
   fedcontinuum --stream`` (``scripts/bench/plain_fedavg``: the ``flwr new``
   PyTorch template's shape, ``FedAvg.start``; no Hydra, no MLflow).
 
-Repeats alternate the order (platform first in even repeats, plain first in
-odd ones). Per run we record
+First one untimed run of each variant (``--warmup``: the first run after an
+install reads torch's and Ray's libraries from disk). Repeats alternate the
+order (platform first in even repeats, plain first in odd ones). Per run we record
 
 * ``wall``: the whole command, SuperLink start and stop included;
 * ``pre-run``: command start -> "Successfully started run" (imports, config,
@@ -46,6 +47,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -310,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant (default 2)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take (default 600)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs of each variant first (default 1): the first process after an install or "
+                             "a quiet spell reads torch's and Ray's libraries from disk, and would charge that to "
+                             "whichever variant runs first")
     parser.add_argument(
         "--plain-federation-config",
         default=PLAIN_FEDERATION_CONFIG,
@@ -318,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     # SIGTERM unwinds like Ctrl-C, so the running job's group and the plain variant's SuperLink are stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     console = Console()
@@ -325,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=160)
     out_dir = OUT_DIR / f"{datetime.now():%Y%m%d-%H%M%S}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    for warmup in range(args.warmup):
+        for variant in ("platform", "plain"):
+            console.print(f"[bold]warm-up {warmup + 1}/{args.warmup}: {variant}[/bold] (not timed) …", highlight=False)
+            run = run_platform if variant == "platform" else partial(run_plain, federation_config=args.plain_federation_config)
+            m = run(-1 - warmup, out_dir, args.timeout)
+            if not m.ok:
+                console.print(f"  {m.status} (log: {m.log_path})", highlight=False)
+                return 1
     results: list[Measurement] = []
     for repeat in range(args.repeats):
         order = ("platform", "plain") if repeat % 2 == 0 else ("plain", "platform")

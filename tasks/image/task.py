@@ -22,9 +22,10 @@ from fl_common import protocol
 from fl_datasets.federated import DataSpec, FederatedImageData, build_image_data
 from fl_datasets.sources import LabelledImages
 from tasks.base import ClientRound, LocalUpdate, ServerTask, Task
-from tasks.image.mlflow_inputs import image_datasets, trained_model
-from tasks.image.models import MODELS, build_model, model_costs
-from tasks.image.training import evaluate, per_class_accuracy, predict, train_local
+
+# The models and their training need torch (~2 s to import here): they are imported where they are
+# used, so the launcher's config check and data check (this module's validate / prepare) run without it.
+MODEL_NAMES = ("cnn", "cnn-wide")  # the keys of tasks.image.models.MODELS (a test checks they agree)
 
 SPEC_KEY = "data-spec"      # ConfigRecord: the DataSpec JSON
 TRAIN_KEY = "image-train"   # ConfigRecord: model and local SGD settings (JSON)
@@ -66,7 +67,7 @@ class ImageTask(Task):
     # ------------------------------------------------------------ config
     def validate(self, cfg: DictConfig) -> None:
         task = cfg.task
-        _check(task.model in MODELS, f"task.model={task.model} is unknown: choose one of {', '.join(MODELS)}")
+        _check(task.model in MODEL_NAMES, f"task.model={task.model} is unknown: choose one of {', '.join(MODEL_NAMES)}")
         _check(isinstance(task.num_classes, int) and task.num_classes >= 2,
                f"task.num_classes={task.num_classes} is invalid: use an integer >= 2")
         path = task.get("path")
@@ -111,6 +112,9 @@ class ImageTask(Task):
         return LocalPlan()
 
     def train(self, arrays: ArrayRecord, run: ClientRound) -> LocalUpdate:
+        from tasks.image.models import model_costs
+        from tasks.image.training import train_local
+
         spec = DataSpec.from_json(str(run.config[SPEC_KEY]))
         settings = json.loads(str(run.config[TRAIN_KEY]))
         data = _partition(spec, run.partition_id)
@@ -142,6 +146,8 @@ class ImageTask(Task):
         )
 
     def evaluate(self, arrays: ArrayRecord, run: ClientRound) -> dict[str, float]:
+        from tasks.image.training import evaluate
+
         spec = DataSpec.from_json(str(run.config[SPEC_KEY]))
         settings = json.loads(str(run.config[TRAIN_KEY]))
         data = _partition(spec, run.partition_id)
@@ -150,6 +156,8 @@ class ImageTask(Task):
 
 
 def _model(name: str, spec: DataSpec, arrays: ArrayRecord | None = None):
+    from tasks.image.models import build_model
+
     model = build_model(name, spec.num_classes)
     if arrays is not None:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -167,6 +175,8 @@ class ImageServer(ServerTask):
         self.num_clients = self.spec.num_clients
         self.model_name = str(cfg.task.model)
         self.client_sizes = self.data.client_sizes()
+        from tasks.image.models import build_model
+
         self.model = build_model(str(cfg.task.model), self.spec.num_classes, seed=int(cfg.seed))
 
     def initial_arrays(self) -> ArrayRecord:
@@ -180,17 +190,24 @@ class ImageServer(ServerTask):
         return {SPEC_KEY: self.spec.to_json(), TRAIN_KEY: json.dumps(settings)}
 
     def model_costs(self):
+        from tasks.image.models import model_costs
+
         return model_costs(str(self.cfg.task.model), self.spec.num_classes)
 
     def batch_size(self) -> int:
         return int(self.cfg.train.batch_size)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        from tasks.image.training import evaluate
+
         self.model.load_state_dict(arrays.to_torch_state_dict())
         return {f"test_{k}": v for k, v in evaluate(self.model, self.data.test, self.spec.num_classes).items()}
 
     def public_scorer(self) -> Callable[[ArrayRecord], np.ndarray]:
         """Per-class accuracy of a (client) model on the server's public validation set."""
+        from tasks.image.models import build_model
+        from tasks.image.training import per_class_accuracy, predict
+
         scorer = build_model(str(self.cfg.task.model), self.spec.num_classes)
         public_val, num_classes = self.data.public_val, self.spec.num_classes
 
@@ -203,10 +220,14 @@ class ImageServer(ServerTask):
 
     def validation_score(self, arrays: ArrayRecord) -> float:
         """Accuracy on the server's public class-balanced validation set (disjoint from test and clients)."""
+        from tasks.image.training import evaluate
+
         self.model.load_state_dict(arrays.to_torch_state_dict())
         return float(evaluate(self.model, self.data.public_val, self.spec.num_classes)["accuracy"])
 
     def log_inputs(self, tracker: Any) -> None:
+        from tasks.image.mlflow_inputs import image_datasets
+
         if self.cfg.tracking.log_model:  # log_model's imports (torch.export needs dynamo: ~2 s), while clients train
             tracker.warm_up("mlflow.pytorch", "torch._dynamo")
         tracker.log_datasets(lambda: image_datasets(self.spec, self.data))  # the UI's Dataset column
@@ -218,6 +239,8 @@ class ImageServer(ServerTask):
     def report(self, tracker: Any, history: list[dict[str, Any]], final: ArrayRecord, run_name: str) -> dict[str, float]:
         tracker.log_figure(lambda: _accuracy_plot(history, run_name), "plots/accuracy_vs_round.png")
         if self.cfg.tracking.log_model:  # an MLflow model (the UI's Models column)
+            from tasks.image.mlflow_inputs import trained_model
+
             tracker.log_pytorch_model(lambda: trained_model(str(self.cfg.task.model), self.spec.num_classes, final,
                                                             self.data.test.x[:2]), step=int(self.cfg.num_rounds))
         return {}
