@@ -172,33 +172,23 @@ def test_a_real_flower_simulation_trains_rl_agents(task, clients, tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_real_flower_simulation_runs_the_control_hierarchy_arm(tmp_path):
-    # Prepare: PPO ESAs under paper 001's hierarchy (+arm=ctl: COA every 3 steps, auctions, mode schedule)
+@pytest.mark.parametrize("arm", ["ctl", "coaqmix"])
+def test_a_real_flower_simulation_runs_the_control_hierarchy_arms(tmp_path, arm):
+    # Prepare: PPO ESAs under paper 001's hierarchy (+arm=ctl: COA rule every 3 steps, auctions, mode schedule;
+    # +arm=coaqmix: the same with the learned COA team, a QMIX team of the 3 clusters' COAs)
     uri = sqlite_uri(tmp_path)
     # Execute
-    result = run_module("fl_server.runtime.launch", "task=ppo", "+arm=ctl", "clients.num=2", *TINY,
+    result = run_module("fl_server.runtime.launch", "task=ppo", f"+arm={arm}", "clients.num=2", *TINY,
                         "task.final_study=false", f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
     # Assert: the run is tagged with the arm; every evaluation saw the COA decide at steps 0, 3, ..., 57
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client, run = only_run(uri)
-    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "mafl-ctl"
+    assert run.info.status == "FINISHED" and run.data.tags["arm"] == {"ctl": "mafl-ctl", "coaqmix": "mafl-ctl-coaqmix"}[arm]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_coa_decisions")] == [20.0, 20.0, 20.0]
-    assert run.data.metrics["eval_control_cpu_us"] > 0
-
-
-@pytest.mark.e2e
-def test_a_real_flower_simulation_trains_the_learned_coa_team(tmp_path):
-    # Prepare: PPO ESAs and the learned COA team (+arm=coaqmix: a QMIX team of the 3 clusters' COAs)
-    uri = sqlite_uri(tmp_path)
-    # Execute
-    result = run_module("fl_server.runtime.launch", "task=ppo", "+arm=coaqmix", "clients.num=2", *TINY,
-                        "task.final_study=false", f"checkpoint.dir={tmp_path / 'ck'}", env={"MLFLOW_TRACKING_URI": uri})
-    # Assert: the COA decided every 3 steps in training (128 // 3 + 1 per client and round) and in evaluation
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    client, run = only_run(uri)
-    assert run.info.status == "FINISHED" and run.data.tags["arm"] == "mafl-ctl-coaqmix"
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_coa_decisions")] == [20.0, 20.0, 20.0]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_coa_decisions")] == [1, 2]
+    if arm == "ctl":
+        assert run.data.metrics["eval_control_cpu_us"] > 0
+    else:  # the learned team also decided in training, every round (128 // 3 + 1 per client and round)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_coa_decisions")] == [1, 2]
 
 
 def test_ppo_observes_a_trained_federated_forecaster_shipped_to_the_clients(tracking_uri, tmp_path):
